@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny synthetic data sets and tiny models, made in the test (no downloads, no training runs)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from training.model import GatedNet, NetConfig
+
+TINY = NetConfig(widths=(8, 8, 16), stem_width=4, num_classes=3)
+CLASSES = ("cat", "dog", "frog")
+
+
+def tiny_model(seed: int = 0) -> GatedNet:
+    torch.manual_seed(seed)
+    model = GatedNet(TINY)
+    with torch.no_grad():  # spread the scores so rankings are meaningful
+        for _, layer in model.gated_layers():
+            layer.score.normal_(0, 1)
+    return model.eval()
+
+
+def jpeg_bytes(color: tuple[int, int, int], size: tuple[int, int] = (32, 32), fmt: str = "JPEG",
+               mode: str = "RGB") -> bytes:
+    image = Image.new("RGB", size, color)
+    # A little structure so the classes are learnable and JPEG has something to encode.
+    for x in range(0, size[0], 4):
+        image.putpixel((x, x % size[1]), (255 - color[0], 255 - color[1], 255 - color[2]))
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def make_image_folder(root: Path, per_class: int = 6) -> Path:
+    """An ImageFolder with train/ and test/ and one colour per class."""
+    colors = {"cat": (200, 40, 40), "dog": (40, 200, 40), "frog": (40, 40, 200)}
+    for split, count in (("train", per_class), ("test", max(2, per_class // 2))):
+        for cls in CLASSES:
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                c = tuple(min(255, v + 3 * i) for v in colors[cls])
+                (folder / f"{i:04d}.jpg").write_bytes(jpeg_bytes(c))
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -1,0 +1,165 @@
+"""Data sources, preprocessing, bad data paths, and a tiny end-to-end pipeline run producing a models/ tree."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import CLASSES, jpeg_bytes
+from training import checkpoint
+from training.data import DataError, load_dataset, preprocess, split_validation
+from training.pipeline import main as prune_train
+
+
+def test_image_folder_loads_with_alphabetical_classes(image_folder: Path) -> None:
+    data = load_dataset(image_folder)
+    assert data.classes == list(CLASSES)
+    assert data.train_images.shape == (18, 3, 32, 32) and data.train_images.dtype == torch.uint8
+    assert data.test_labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    again = load_dataset(image_folder)  # second load comes from the cache, identical
+    assert torch.equal(again.train_images, data.train_images) and again.sha256 == data.sha256
+
+
+def test_tarball_source_matches_image_folder(image_folder: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "set.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(image_folder / "train", arcname="train")
+        tar.add(image_folder / "test", arcname="test")
+    from_tar, from_dir = load_dataset(archive), load_dataset(image_folder)
+    assert torch.equal(from_tar.train_images, from_dir.train_images)
+    assert torch.equal(from_tar.test_labels, from_dir.test_labels)
+    assert len(from_tar.sha256) == 64
+
+
+def _write_cifar_batch(path: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))}
+    batch["labels"] = [int(x) for x in batch["labels"]]
+    path.write_bytes(pickle.dumps(batch))
+
+
+def test_torchvision_cifar10_root(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        _write_cifar_batch(folder / f"data_batch_{i}", 4, i)
+    _write_cifar_batch(folder / "test_batch", 3, 9)
+    data = load_dataset(tmp_path / "cifar")
+    assert data.train_images.shape == (20, 3, 32, 32) and len(data.classes) == 10
+
+
+def test_cifar_batches_refuse_code_execution(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+
+    class Evil:
+        def __reduce__(self):  # noqa: ANN204
+            return (print, ("pwned",))
+
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({"data": Evil(), "labels": []}))
+    with pytest.raises(DataError, match="refusing to load"):
+        load_dataset(folder)
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty_dir", "no_test", "not_tar", "one_class"])
+def test_bad_data_paths_name_the_expected_layouts(tmp_path: Path, layout: str) -> None:
+    target = tmp_path / "data"
+    if layout == "empty_dir":
+        target.mkdir()
+    elif layout == "no_test":
+        (target / "train" / "a").mkdir(parents=True)
+        (target / "train" / "a" / "x.jpg").write_bytes(jpeg_bytes((1, 2, 3)))
+    elif layout == "not_tar":
+        target = tmp_path / "data.tar.gz"
+        target.write_bytes(b"definitely not a tarball")
+    elif layout == "one_class":
+        for split in ("train", "test"):
+            (target / split / "a").mkdir(parents=True)
+            (target / split / "a" / "x.jpg").write_bytes(jpeg_bytes((1, 2, 3)))
+    with pytest.raises(DataError, match="expected one of"):
+        load_dataset(target)
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert prune_train(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA"])
+def test_preprocess_handles_every_mode_and_size(mode: str) -> None:
+    image = Image.new("RGB", (40, 60), (10, 120, 250)).convert(mode) if mode != "I;16" else \
+        Image.fromarray(np.full((60, 40), 40000, dtype=np.uint16))
+    out = preprocess(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+
+
+def test_preprocess_is_identity_on_cifar_sized_rgb() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = preprocess(Image.fromarray(pixels))
+    assert torch.equal(out, torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded() -> None:
+    labels = torch.arange(100) % 10
+    train, val = split_validation(labels, 20, seed=0)
+    assert len(val) == 20 and set(train.tolist()).isdisjoint(val.tolist())
+    assert torch.bincount(labels[val]).tolist() == [2] * 10
+    assert torch.equal(split_validation(labels, 20, seed=0)[1], val)
+
+
+def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tmp_path: Path) -> None:
+    out, work = tmp_path / "models", tmp_path / "runs"
+    args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(work), "--seeds", "2",
+            "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
+            "--val-size", "3", "--keeps", "0.5", "0.1", "--finetune-steps", "1", "--calib-images", "8",
+            "--no-bf16", "--floor", "0.01"]
+    assert prune_train(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["classes"] == list(CLASSES)
+    assert {"mean", "std"} <= set(manifest["normalization"]) and manifest["dataset"]["sha256"]
+    assert [v["keep"] for v in manifest["variants"]] == [1.0, 0.5, 0.1]
+    for variant in manifest["variants"]:
+        path = out / variant["file"]
+        assert path.stat().st_size == variant["bytes"]
+        model = checkpoint.load_model(path, variant["sha256"])  # verifies sha256
+        nonzero = sum(int(torch.count_nonzero(layer.weight)) for _, layer in model.gated_layers())
+        assert nonzero == round(variant["keep"] * variant["params"]["prunable"])
+        assert len(variant["test_acc_per_seed"]) == 2
+        assert variant["finetuned"] == (variant["keep"] < 1.0)
+    criteria = {(r["criterion"], r["finetuned"]) for r in manifest["sweep"]}
+    assert {("gate", False), ("gate", True), ("magnitude", True), ("random", False)} <= criteria
+    for name in ("tradeoff.png", "results.csv", "results.md", "dense.safetensors"):
+        assert (out / name).stat().st_size > 0
+    assert Image.open(out / "tradeoff.png").format == "PNG"
+    # Re-running resumes: every seed's results are reused, and the export is the same.
+    first = (out / "manifest.json").read_text()
+    assert prune_train(args) == 0
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["variants"] == json.loads(first)["variants"]
+
+
+def test_same_seed_same_numbers(image_folder: Path, tmp_path: Path) -> None:
+    def run(tag: str) -> dict:
+        args = ["--data", str(image_folder), "--out", str(tmp_path / tag), "--work-dir", str(tmp_path / f"w{tag}"),
+                "--seeds", "1", "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
+                "--val-size", "3", "--keeps", "0.3", "--finetune-steps", "0", "--calib-images", "8", "--no-bf16"]
+        assert prune_train(args) == 0
+        return json.loads((tmp_path / tag / "manifest.json").read_text())
+
+    a, b = run("a"), run("b")
+    assert [v["sha256"] for v in a["variants"]] == [v["sha256"] for v in b["variants"]]
+    assert a["sweep"] == b["sweep"]
+
+
+def test_io_helper_reads_jpeg_bytes() -> None:
+    assert Image.open(io.BytesIO(jpeg_bytes((1, 2, 3)))).size == (32, 32)

@@ -1,0 +1,192 @@
+"""Checkpoints in safetensors (never pickle), with sha256 verification.
+
+Dense gated checkpoint: every tensor of the gated model (weights, scores, BN), stored as is.
+
+Pruned checkpoint: only what survives. Gates and masks are folded into the weights first; each
+pruned weight tensor is then stored in whichever encoding is smallest:
+  dense    the full float32 tensor (used when little was pruned)
+  bitmask  1 bit per weight (packed uint8) + the nonzero values in row-major order
+  delta    gaps between consecutive nonzero flat indices (uint8/uint16/int32) + the values
+Loading rebuilds bit-identical float32 tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+from torch import Tensor
+
+from training.model import GatedNet, NetConfig
+
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, tampered with, or not one of ours."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse tensor encodings
+# ---------------------------------------------------------------------------------------------
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    flat = mask.flatten().to(torch.uint8)
+    padded = torch.cat([flat, flat.new_zeros((-len(flat)) % 8)])
+    return (padded.view(-1, 8) * _BITS).sum(1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, count: int) -> Tensor:
+    return ((packed.view(-1, 1) & _BITS) > 0).flatten()[:count]
+
+
+def _gap_dtype(max_gap: int) -> torch.dtype:
+    if max_gap < 2**8:
+        return torch.uint8
+    if max_gap < 2**16:
+        return torch.uint16
+    return torch.int32
+
+
+def encode(weight: Tensor) -> tuple[str, dict[str, Tensor]]:
+    """Smallest of the three encodings for one float32 tensor."""
+    flat = weight.detach().flatten().float().contiguous()
+    nonzero = flat.nonzero().flatten()
+    values = flat[nonzero]
+    options: dict[str, dict[str, Tensor]] = {"dense": {"values": flat}}
+    options["bitmask"] = {"bits": pack_bits(flat != 0), "values": values}
+    gaps = torch.diff(nonzero, prepend=nonzero.new_zeros(1)) if len(nonzero) else nonzero
+    gap_dtype = _gap_dtype(int(gaps.max()) if len(gaps) else 0)
+    options["delta"] = {"gaps": gaps.to(gap_dtype), "values": values}
+    sizes = {k: sum(t.numel() * t.element_size() for t in v.values()) for k, v in options.items()}
+    best = min(sizes, key=lambda k: (sizes[k], list(options).index(k)))
+    return best, options[best]
+
+
+def decode(encoding: str, parts: dict[str, Tensor], shape: list[int]) -> Tensor:
+    count = 1
+    for dim in shape:
+        count *= dim
+    if encoding == "dense":
+        flat = parts["values"]
+    else:
+        flat = torch.zeros(count, dtype=torch.float32)
+        if encoding == "bitmask":
+            positions = unpack_bits(parts["bits"], count).nonzero().flatten()
+        elif encoding == "delta":
+            positions = torch.cumsum(parts["gaps"].to(torch.int64), 0)
+        else:
+            raise CheckpointError(f"unknown encoding {encoding!r}")
+        if len(positions) != len(parts["values"]) or (len(positions) and int(positions.max()) >= count):
+            raise CheckpointError("sparse tensor's indices and values disagree")
+        flat[positions] = parts["values"]
+    if flat.numel() != count:
+        raise CheckpointError(f"tensor has {flat.numel()} values, shape {shape} needs {count}")
+    return flat.view(shape).clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+def _write(path: Path, tensors: dict[str, Tensor], metadata: dict) -> tuple[int, str]:
+    # One metadata key: safetensors writes a multi-key metadata map in random order, and equal
+    # models must give byte-identical files (same sha256).
+    header = {"gated_prune": json.dumps(metadata, sort_keys=True)}
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=header)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)  # atomic: readers never see half a file
+    return len(data), sha256_bytes(data)
+
+
+def save_dense(model: GatedNet, path: str | Path) -> tuple[int, str]:
+    """Full gated model (weights + scores + BN). Returns (bytes, sha256)."""
+    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith(".mask")}
+    meta = {"format": "gated-dense", "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
+    return _write(Path(path), tensors, meta)
+
+
+def save_pruned(model: GatedNet, path: str | Path) -> tuple[int, str]:
+    """Folded, compactly encoded inference model. ``model`` may be gated+masked or already folded."""
+    gated = {f"{name}.weight": layer.effective_weight().detach().cpu() for name, layer in model.gated_layers()}
+    tensors: dict[str, Tensor] = {}
+    encodings: dict[str, dict] = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(".score") or key.endswith(".mask"):
+            continue
+        if key in gated:
+            encoding, parts = encode(gated[key])
+            encodings[key] = {"encoding": encoding, "shape": list(gated[key].shape)}
+            for part, tensor in parts.items():
+                tensors[f"{key}::{part}"] = tensor
+        else:
+            tensors[key] = value.detach().cpu()
+    meta = {"format": "pruned", "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
+            "encodings": encodings}
+    return _write(Path(path), tensors, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def read_verified(path: str | Path, expected_sha256: str | None = None) -> bytes:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: file is missing") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+        raise CheckpointError(f"{path}: sha256 mismatch (expected {expected_sha256}, "
+                              f"got {sha256_bytes(data)}): the file is corrupt or was modified")
+    return data
+
+
+def _parse(data: bytes, path: Path) -> tuple[dict[str, Tensor], dict]:
+    try:
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+        metadata = json.loads(metadata.get("gated_prune", "{}"))
+    except (SafetensorError, ValueError, json.JSONDecodeError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from exc
+    return tensors, metadata
+
+
+def load_model(path: str | Path, expected_sha256: str | None = None) -> GatedNet:
+    """Rebuild a model from a dense or pruned checkpoint (pruned → folded inference model)."""
+    path = Path(path)
+    tensors, meta = _parse(read_verified(path, expected_sha256), path)
+    try:
+        model = GatedNet(NetConfig.from_dict(meta["config"]))
+        if meta.get("format") == "gated-dense":
+            model.load_state_dict(tensors, strict=True)
+        elif meta.get("format") == "pruned":
+            encodings = meta["encodings"]
+            state = {k: v for k, v in tensors.items() if "::" not in k}
+            for key, info in encodings.items():
+                parts = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(key + "::")}
+                state[key] = decode(info["encoding"], parts, info["shape"])
+            model.fold()
+            for _, layer in model.gated_layers():
+                layer.weight.requires_grad_(False)
+            model.load_state_dict(state, strict=True)
+        else:
+            raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint does not match the network definition ({exc})") from exc
+    return model.eval()

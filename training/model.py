@@ -1,0 +1,189 @@
+"""The network: an airbench-style CNN whose every conv/linear weight carries a learned gate.
+
+A gated layer holds a weight tensor W and a same-shaped score tensor S and computes with
+``W * sigmoid(S)``. The score is the weight's learned importance: pruning keeps the top-K scores.
+Once pruned for serving, ``fold()`` bakes ``W * sigmoid(S) * mask`` into a plain weight, so the same
+classes describe the trained gated model (training/) and the inference model (app/).
+
+Prunable = the weights of every GatedConv2d and GatedLinear. Biases and BatchNorm are never gated
+and never pruned; they are counted in ``total`` parameters, not in ``prunable``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Architecture hyper-parameters; stored in the manifest so the service rebuilds the same net."""
+
+    widths: tuple[int, int, int] = (64, 128, 256)
+    stem_width: int = 32
+    num_classes: int = 10
+    # Multiplies the logits (airbench uses 1/9 with its own learning-rate scale; 1 suits plain SGD here).
+    logit_scale: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NetConfig:
+        return cls(
+            widths=tuple(int(w) for w in data["widths"]),  # type: ignore[arg-type]
+            stem_width=int(data["stem_width"]),
+            num_classes=int(data["num_classes"]),
+            logit_scale=float(data["logit_scale"]),
+        )
+
+
+class _Gated:
+    """Shared gate logic for GatedConv2d and GatedLinear (mixed into an nn.Conv2d / nn.Linear).
+
+    States:
+      * gated (training): ``score`` is a Parameter; weight used = W * sigmoid(S) [* mask].
+      * folded (inference): ``score`` is None; ``weight`` already is the effective weight.
+    ``mask`` (bool buffer or None) fixes pruned weights at exactly zero. ``train_mask`` is the
+    transient top-K mask used by straight-through training (see training/train.py).
+    """
+
+    weight: nn.Parameter
+    score: nn.Parameter | None
+    mask: Tensor | None
+    train_mask: Tensor | None
+
+    def _init_gate(self, score_init: float) -> None:
+        self.score = nn.Parameter(torch.full_like(self.weight, score_init))
+        self.register_buffer("mask", None)
+        self.train_mask = None
+
+    def gate(self) -> Tensor:
+        if self.score is None:
+            raise RuntimeError("layer is folded: it has no gate any more")
+        return torch.sigmoid(self.score)
+
+    def effective_weight(self) -> Tensor:
+        if self.score is None:
+            return self.weight
+        gate = self.gate()
+        if self.train_mask is not None:
+            # Straight-through top-K: forward with the hard mask, backward as if every gate were
+            # on, so pruned weights still learn whether they should come back (edge-popup style).
+            gate = gate + (gate * self.train_mask - gate).detach()
+        weight = self.weight * gate
+        if self.mask is not None:
+            weight = weight * self.mask
+        return weight
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Bake gate and mask into ``weight`` and drop the score: an ordinary layer afterwards."""
+        if self.score is None:
+            return
+        folded = self.effective_weight().detach().clone()
+        self.score = None
+        self.weight = nn.Parameter(folded, requires_grad=False)
+
+
+class GatedConv2d(_Gated, nn.Conv2d):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, padding: int = 1,
+                 score_init: float = 0.0) -> None:
+        nn.Conv2d.__init__(self, in_ch, out_ch, kernel_size, padding=padding, bias=False)
+        self._init_gate(score_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+class GatedLinear(_Gated, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 score_init: float = 0.0) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias)
+        self._init_gate(score_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+GATED_TYPES = (GatedConv2d, GatedLinear)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    # airbench: a fast-moving BN average suits the short schedule.
+    return nn.BatchNorm2d(channels, momentum=0.4)
+
+
+class ConvBlock(nn.Module):
+    """conv → max-pool(2) → BN → GELU → conv → BN → GELU (airbench's block: pool early, convs cheap)."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.conv1 = GatedConv2d(in_ch, out_ch)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = _bn(out_ch)
+        self.conv2 = GatedConv2d(out_ch, out_ch)
+        self.bn2 = _bn(out_ch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.gelu(self.bn1(self.pool(self.conv1(x))))
+        return F.gelu(self.bn2(self.conv2(x)))
+
+
+class GatedNet(nn.Module):
+    """32×32 RGB (normalised) → class logits. 32 → 16 → 8 → 4 spatially, then global max-pool."""
+
+    def __init__(self, config: NetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or NetConfig()
+        w1, w2, w3 = self.config.widths
+        self.stem = GatedConv2d(3, self.config.stem_width)
+        self.stem_bn = _bn(self.config.stem_width)
+        self.block1 = ConvBlock(self.config.stem_width, w1)
+        self.block2 = ConvBlock(w1, w2)
+        self.block3 = ConvBlock(w2, w3)
+        self.head = GatedLinear(w3, self.config.num_classes, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.gelu(self.stem_bn(self.stem(x)))
+        x = self.block3(self.block2(self.block1(x)))
+        x = torch.amax(x, dim=(2, 3))
+        return self.head(x) * self.config.logit_scale
+
+    # -- pruning helpers ---------------------------------------------------------------------
+    def gated_layers(self) -> list[tuple[str, GatedConv2d | GatedLinear]]:
+        """Prunable layers in a fixed order (module registration order): the order ties break by."""
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, GATED_TYPES)]
+
+    def fold(self) -> None:
+        for _, layer in self.gated_layers():
+            layer.fold()
+
+    def set_masks(self, masks: dict[str, Tensor] | None) -> None:
+        """Install fixed pruning masks (layer name → bool tensor), or remove them with None."""
+        for name, layer in self.gated_layers():
+            layer.mask = None if masks is None else masks[name].to(layer.weight.device)
+
+    def set_train_masks(self, masks: dict[str, Tensor] | None) -> None:
+        for name, layer in self.gated_layers():
+            layer.train_mask = None if masks is None else masks[name]
+
+
+def count_parameters(model: GatedNet) -> dict[str, int]:
+    """Honest counts for the inference network: scores are training-only and not counted.
+
+    total = prunable weights + everything never pruned (biases, BatchNorm affine parameters).
+    nonzero = surviving prunable weights + every non-prunable parameter.
+    """
+    prunable = nonzero_prunable = 0
+    for _, layer in model.gated_layers():
+        weight = layer.effective_weight().detach()
+        prunable += weight.numel()
+        nonzero_prunable += int(torch.count_nonzero(weight))
+    gated = {id(p) for _, layer in model.gated_layers() for p in (layer.weight, layer.score)}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in gated)
+    return {"total": prunable + other, "prunable": prunable, "nonzero": nonzero_prunable + other}
+

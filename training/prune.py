@@ -1,0 +1,124 @@
+"""Phase 2: deterministic top-K pruning.
+
+Exactly ``round(keep × N)`` prunable weights survive (N = all prunable weights). Ranking is by an
+importance criterion; ties break by position (layer order, then flat index) through a stable sort,
+so the same scores always give bit-identical masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from training.model import GatedNet
+
+CRITERIA = ("gate", "gate_magnitude", "magnitude", "random")
+SCOPES = ("global", "layer")
+
+
+def check_keep(keep: float) -> float:
+    keep = float(keep)
+    if not (0.0 < keep <= 1.0) or math.isnan(keep):
+        raise ValueError(f"keep ratio must be in (0, 1], got {keep}")
+    return keep
+
+
+@torch.no_grad()
+def importance(model: GatedNet, criterion: str, seed: int = 0) -> dict[str, Tensor]:
+    """Per-layer importance scores (higher = keep).
+
+    gate            the learned score S itself (ranks like sigmoid(S), without its float saturation)
+    gate_magnitude  |W · sigmoid(S)|: the effective weight's magnitude
+    magnitude       |W|: what torch.nn.utils.prune.global_unstructured with L1 ranks by
+    random          seeded uniform noise: the floor any criterion must beat
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    scores = {}
+    for index, (name, layer) in enumerate(model.gated_layers()):
+        if criterion == "gate":
+            scores[name] = layer.score.detach().float().clone()
+        elif criterion == "gate_magnitude":
+            scores[name] = (layer.weight * layer.gate()).abs().float()
+        elif criterion == "magnitude":
+            scores[name] = layer.weight.detach().abs().float()
+        else:
+            generator = torch.Generator().manual_seed(seed * 1000 + index)
+            scores[name] = torch.rand(layer.weight.shape, generator=generator)
+    return scores
+
+
+def _floor_counts(sizes: list[int], floor: float) -> list[int]:
+    """Weights each layer keeps whatever the ranking says: ceil(floor × n), at least one."""
+    return [min(n, max(1, math.ceil(floor * n))) for n in sizes]
+
+
+def _stable_top(flat: Tensor, count: int) -> Tensor:
+    """Indices of the ``count`` largest entries; equal values go to the lower index first."""
+    order = torch.sort(flat, descending=True, stable=True).indices
+    return order[:count]
+
+
+def topk_masks(scores: dict[str, Tensor], keep: float, scope: str = "global",
+               floor: float = 0.0) -> dict[str, Tensor]:
+    """Bool masks keeping exactly round(keep × N) weights.
+
+    scope='global': one ranking across all layers; scope='layer': every layer keeps its share
+    (largest-remainder rounding so the total is still exact). ``floor`` is a per-layer minimum
+    fraction (at least one weight when > 0) so that no layer is ever emptied.
+    """
+    keep = check_keep(keep)
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
+    names = list(scores)
+    sizes = [scores[n].numel() for n in names]
+    total = sum(sizes)
+    target = round(keep * total)
+    minimum = _floor_counts(sizes, floor) if floor > 0 else [0] * len(sizes)
+    if sum(minimum) > target:
+        raise ValueError(f"keep {keep} leaves {target} weights but the per-layer floor needs {sum(minimum)}; "
+                         "lower --floor or raise keep")
+
+    if scope == "layer":
+        exact = [keep * n for n in sizes]
+        quota = [max(math.floor(e), m) for e, m in zip(exact, minimum)]
+        # Hand the remaining weights to the layers with the largest fractional parts (then by order).
+        by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+        short = target - sum(quota)
+        for i in by_remainder:
+            if short <= 0:
+                break
+            if quota[i] < sizes[i]:
+                quota[i] += 1
+                short -= 1
+        masks = {}
+        for name, q in zip(names, quota):
+            flat = scores[name].flatten()
+            mask = torch.zeros(flat.numel(), dtype=torch.bool)
+            mask[_stable_top(flat, q)] = True
+            masks[name] = mask.view_as(scores[name])
+        return masks
+
+    flat = torch.cat([scores[n].flatten().float() for n in names])
+    chosen = torch.zeros(total, dtype=torch.bool)
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    for i, m in enumerate(minimum):  # reserve each layer's floor from its own ranking first
+        if m:
+            chosen[offsets[i] + _stable_top(flat[offsets[i]:offsets[i + 1]], m)] = True
+    remaining = target - int(chosen.sum())
+    if remaining > 0:
+        candidates = (~chosen).nonzero().flatten()
+        chosen[candidates[_stable_top(flat[candidates], remaining)]] = True
+    return {name: chosen[offsets[i]:offsets[i + 1]].view_as(scores[name]) for i, name in enumerate(names)}
+
+
+def prune(model: GatedNet, criterion: str, keep: float, scope: str = "global", floor: float = 0.0,
+          seed: int = 0) -> dict[str, Tensor]:
+    """Rank, select and install masks on ``model``; returns the masks."""
+    masks = topk_masks(importance(model, criterion, seed), keep, scope, floor)
+    model.set_masks(masks)
+    return masks

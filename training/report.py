@@ -1,0 +1,69 @@
+"""Trade-off tables (results.csv, results.md) and plot (tradeoff.png) from the aggregated sweep."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers or CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLUMNS = ("criterion", "keep", "sparsity", "finetuned", "test_acc_mean", "test_acc_std", "drop",
+           "val_acc_mean", "total", "prunable", "nonzero", "test_acc_per_seed")
+
+
+def write_tables(table: list[dict], out: Path) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in table:
+            writer.writerow({**row, "test_acc_per_seed": " ".join(f"{a:.2f}" for a in row["test_acc_per_seed"])})
+    lines = ["| criterion | keep | sparsity | fine-tuned | test acc % (mean ± std) | drop vs dense | nonzero params |",
+             "|---|---|---|---|---|---|---|"]
+    for row in table:
+        lines.append(f"| {row['criterion']} | {row['keep']:.2f} | {row['sparsity'] * 100:.0f}% | "
+                     f"{'yes' if row['finetuned'] else 'no'} | {row['test_acc_mean']:.2f} ± {row['test_acc_std']:.2f} | "
+                     f"{row['drop']:+.2f} | {row['nonzero']:,} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_tradeoff(table: list[dict], path: Path, latency_ms: dict[float, float] | None = None) -> None:
+    """Accuracy vs sparsity, one line per criterion (solid: pruned only, dashed: + fine-tune).
+
+    ``latency_ms`` (keep → ms), when given, adds a second axis with measured latency.
+    """
+    dense = next(r for r in table if r["criterion"] == "dense")
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    criteria = sorted({r["criterion"] for r in table} - {"dense"})
+    colors = dict(zip(criteria, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for criterion in criteria:
+        for finetuned in (False, True):
+            rows = sorted((r for r in table if r["criterion"] == criterion and r["finetuned"] == finetuned),
+                          key=lambda r: r["sparsity"])
+            if not rows:
+                continue
+            xs = [r["sparsity"] * 100 for r in rows]
+            ax.errorbar(xs, [r["test_acc_mean"] for r in rows], yerr=[r["test_acc_std"] for r in rows],
+                        color=colors[criterion], linestyle="--" if finetuned else "-", marker="o", markersize=3,
+                        capsize=2, label=f"{criterion}{' + fine-tune' if finetuned else ''}")
+    ax.axhline(dense["test_acc_mean"], color="black", linewidth=0.8, linestyle=":",
+               label=f"dense {dense['test_acc_mean']:.2f}%")
+    ax.set_xlabel("sparsity (% of prunable weights removed)")
+    ax.set_ylabel("CIFAR-10 test accuracy (%), mean ± std over seeds")
+    low = min(r["test_acc_mean"] for r in table if r["criterion"] != "random")
+    ax.set_ylim(max(0, low - 5), min(100, dense["test_acc_mean"] + 2))
+    ax.grid(alpha=0.3)
+    if latency_ms:
+        twin = ax.twinx()
+        keeps = sorted(latency_ms, reverse=True)
+        twin.plot([(1 - k) * 100 for k in keeps], [latency_ms[k] for k in keeps], color="grey", marker="s",
+                  markersize=3, linewidth=1, label="latency, batch 1 (ms)")
+        twin.set_ylabel("measured latency at batch 1 (ms)")
+        twin.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title("Gated CNN on CIFAR-10: accuracy vs sparsity (top-K pruning)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
