@@ -60,3 +60,34 @@ def image_folder(tmp_path: Path) -> Path:
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PRUNE_CACHE_DIR", str(tmp_path / "cache"))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def build_models_dir(root: Path, keeps: tuple[float, ...] = (1.0, 0.5, 0.1), seed: int = 0) -> Path:
+    """A models/ tree like prune-train's: tiny pruned checkpoints + manifest. Accuracy figures are
+    placeholders for the API to echo (the tests check they are passed through, not their value)."""
+    import json
+
+    from training import checkpoint
+    from training.prune import prune
+
+    root.mkdir(parents=True, exist_ok=True)
+    variants = []
+    for i, keep in enumerate(keeps):
+        model = tiny_model(seed)
+        if keep < 1.0:
+            prune(model, "gate", keep)
+        name = "dense" if keep == 1.0 else f"gate-keep{keep:.2f}"
+        size, sha = checkpoint.save_pruned(model, root / "variants" / f"{name}.safetensors")
+        from training.model import count_parameters
+
+        variants.append({"name": name, "criterion": "gate" if keep < 1 else "dense", "keep": keep,
+                         "sparsity": round(1 - keep, 4), "granularity": "weight",
+                         "file": f"variants/{name}.safetensors", "bytes": size, "sha256": sha,
+                         "params": count_parameters(model), "finetuned": keep < 1.0,
+                         "test_acc_per_seed": [90.0 - 2 * i, 91.0 - 2 * i], "test_acc_mean": 90.5 - 2 * i,
+                         "test_acc_std": 0.7, "drop": 2.0 * i})
+    manifest = {"schema_version": 1, "classes": list(CLASSES),
+                "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+                "architecture": TINY.to_dict(), "variants": variants}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root

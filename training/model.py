@@ -58,7 +58,7 @@ class _Gated:
 
     def _init_gate(self, score_init: float) -> None:
         self.score = nn.Parameter(torch.full_like(self.weight, score_init))
-        self.register_buffer("mask", None)
+        self.register_buffer("mask", None, persistent=False)  # masks ship folded into weights
         self.train_mask = None
 
     def gate(self) -> Tensor:

@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gate-lr", type=float, default=defaults.gate_lr)
     p.add_argument("--gate-min-keep", type=float, default=defaults.gate_min_keep)
     p.add_argument("--gate-dense-prob", type=float, default=defaults.gate_dense_prob)
+    p.add_argument("--gate-start-epoch", type=int, default=defaults.gate_start_epoch)
+    p.add_argument("--gate-penalty", type=float, default=defaults.gate_penalty)
     p.add_argument("--no-bf16", action="store_true", help="train and evaluate in float32")
     p.add_argument("--val-size", type=int, default=5000, help="validation images held out of train")
     p.add_argument("--train-limit", type=int, default=0, help="use only this many training images (smoke runs)")
@@ -78,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        label_smoothing=args.label_smoothing, gate_method=args.gate_method, gate_lr=args.gate_lr,
-                       gate_min_keep=args.gate_min_keep, gate_dense_prob=args.gate_dense_prob, bf16=not args.no_bf16)
+                       gate_min_keep=args.gate_min_keep, gate_dense_prob=args.gate_dense_prob,
+                       gate_start_epoch=args.gate_start_epoch, gate_penalty=args.gate_penalty, bf16=not args.no_bf16)
 
 
 def _variant_name(criterion: str, keep: float) -> str:
@@ -102,7 +105,10 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     bar.close()
     checkpoint.save_dense(model, seed_dir / "dense.safetensors")
     dense_state = copy.deepcopy(model.state_dict())
-    calib = splits["train_x"][:args.calib_images]
+    # A seeded random sample: the training split is stored class by class, and BN statistics of
+    # one class would mis-normalise the other nine.
+    pick = torch.randperm(len(splits["train_y"]), generator=torch.Generator().manual_seed(seed))
+    calib = splits["train_x"][pick[:args.calib_images]]
     release = seed == args.release_seed
 
     rows: list[dict] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 
@@ -29,7 +30,7 @@ def write_tables(table: list[dict], out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_tradeoff(table: list[dict], path: Path, latency_ms: dict[float, float] | None = None) -> None:
+def plot_tradeoff(table: list[dict], path: Path | BinaryIO, latency_ms: dict[float, float] | None = None) -> None:
     """Accuracy vs sparsity, one line per criterion (solid: pruned only, dashed: + fine-tune).
 
     ``latency_ms`` (keep → ms), when given, adds a second axis with measured latency.

@@ -1,0 +1,101 @@
+"""FastAPI application: `create_app(settings)` wires routers, limits and error handling."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.routers import health, metrics, predict, variants
+from app.service import Service
+from app.settings import Settings, get_settings
+
+log = logging.getLogger("app")
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, detail=f"request body is larger than MAX_BODY_BYTES={limit:,} bytes")
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over ``limit`` bytes without reading them into memory: by Content-Length when
+    the client sends one, and by counting streamed chunks when it does not (chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.limit
+            except ValueError:
+                response = JSONResponse({"detail": "Content-Length header is not a number"}, status_code=400)
+                await response(scope, receive, send)
+                return
+            if too_big:
+                exc = BodyTooLarge(self.limit)
+                await JSONResponse({"detail": exc.detail}, status_code=413)(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        service = Service(settings)
+        app.state.service = service
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()  # queued requests finish before the process exits
+
+    app = FastAPI(
+        title="Gated-pruning CIFAR-10 classifier",
+        version="0.1.0",
+        description="Pick your point on the accuracy / speed trade-off per request: `POST /predict?keep=0.3`.",
+        lifespan=lifespan,
+    )
+    app.include_router(health.router)
+    app.include_router(predict.router)
+    app.include_router(variants.router)
+    app.include_router(metrics.router)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Same shape as FastAPI's default, minus the echoed input (it may be large or binary).
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Never echo a stack trace to a client; log it for the operator.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; the server logged the details"}, status_code=500)
+
+    return app

@@ -1,0 +1,180 @@
+"""Loads models/ (manifest + verified safetensors checkpoints), builds every variant, warms up and
+measures latency on this machine. The service's single source of truth about variants."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from training.checkpoint import CheckpointError, load_model
+from training.model import GatedNet
+from training.train import autocast
+
+log = logging.getLogger("app.registry")
+
+LATENCY_BATCHES = (1, 64)
+
+
+class ModelsError(RuntimeError):
+    """models/ cannot be served; the message names the file and the reason."""
+
+
+@dataclass
+class Variant:
+    name: str
+    keep: float
+    sparsity: float
+    granularity: str
+    criterion: str
+    file: str
+    bytes: int
+    sha256: str
+    params: dict[str, int]
+    finetuned: bool
+    test_acc_mean: float
+    test_acc_std: float
+    test_acc_per_seed: list[float]
+    drop: float
+    model: GatedNet = field(repr=False)
+    latency: dict[int, dict[str, float]] = field(default_factory=dict)  # batch → p50_ms, p95_ms, images_per_s
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "keep": self.keep, "sparsity": self.sparsity, "granularity": self.granularity,
+            "criterion": self.criterion, "finetuned": self.finetuned, "params": self.params,
+            "checkpoint_bytes": self.bytes, "test_acc_mean": self.test_acc_mean, "test_acc_std": self.test_acc_std,
+            "test_acc_per_seed": self.test_acc_per_seed, "drop": self.drop,
+            "latency": {f"batch_{b}": v for b, v in sorted(self.latency.items())},
+        }
+
+
+_REQUIRED_VARIANT_KEYS = ("name", "keep", "file", "sha256", "params", "test_acc_mean", "test_acc_std", "drop")
+
+
+class Registry:
+    """Everything loaded from one models directory."""
+
+    def __init__(self, models_dir: Path, precision: str = "fp32", probe_runs: int = 20) -> None:
+        self.models_dir = Path(models_dir)
+        self.precision = precision
+        self.probe_runs = probe_runs
+        self.manifest: dict = {}
+        self.classes: list[str] = []
+        self.mean: list[float] = []
+        self.std: list[float] = []
+        self.variants: list[Variant] = []  # sorted by keep, densest first
+        self.ready = False
+        self.error: str | None = None
+        self._lock = threading.Lock()  # one forward pass at a time: 2 cores, torch already uses both
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self) -> None:
+        """Verify and build every variant, then warm up and measure; sets ready or error."""
+        try:
+            self._load_manifest()
+            for entry in self.manifest["variants"]:
+                self.variants.append(self._load_variant(entry))
+            self.variants.sort(key=lambda v: -v.keep)
+            self._measure()
+            self.ready = True
+            log.info("ready: %d variants from %s", len(self.variants), self.models_dir)
+        except (ModelsError, CheckpointError) as exc:
+            self.error = str(exc)
+            log.error("models cannot be served: %s", exc)
+
+    def _load_manifest(self) -> None:
+        path = self.models_dir / "manifest.json"
+        try:
+            self.manifest = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ModelsError(f"{path}: manifest is missing (run prune-train or set MODELS_DIR)") from exc
+        except PermissionError as exc:
+            raise ModelsError(f"{path}: cannot read manifest (permission denied)") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelsError(f"{path}: manifest is not valid JSON ({exc})") from exc
+        try:
+            self.classes = [str(c) for c in self.manifest["classes"]]
+            self.mean = [float(x) for x in self.manifest["normalization"]["mean"]]
+            self.std = [float(x) for x in self.manifest["normalization"]["std"]]
+            variants = self.manifest["variants"]
+            if not variants:
+                raise ModelsError(f"{path}: manifest lists no variants")
+            for i, entry in enumerate(variants):
+                missing = [k for k in _REQUIRED_VARIANT_KEYS if k not in entry]
+                if missing:
+                    raise ModelsError(f"{path}: variant #{i} lacks {', '.join(missing)}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelsError(f"{path}: manifest does not follow schema version 1 (missing or bad {exc})") from exc
+
+    def _load_variant(self, entry: dict) -> Variant:
+        file = self.models_dir / entry["file"]
+        if not file.resolve().is_relative_to(self.models_dir.resolve()):
+            raise ModelsError(f"manifest variant {entry['name']!r} points outside the models directory: {file}")
+        model = load_model(file, entry["sha256"])  # sha256-verified, safetensors only
+        if model.config.num_classes != len(self.classes):
+            raise ModelsError(f"{file}: model has {model.config.num_classes} outputs, manifest {len(self.classes)}")
+        model = model.to(memory_format=torch.channels_last)
+        return Variant(
+            name=entry["name"], keep=float(entry["keep"]), sparsity=float(entry.get("sparsity", 1 - entry["keep"])),
+            granularity=entry.get("granularity", "weight"), criterion=entry.get("criterion", "gate"),
+            file=entry["file"], bytes=int(entry.get("bytes", file.stat().st_size)), sha256=entry["sha256"],
+            params={k: int(v) for k, v in entry["params"].items()}, finetuned=bool(entry.get("finetuned", False)),
+            test_acc_mean=float(entry["test_acc_mean"]), test_acc_std=float(entry["test_acc_std"]),
+            test_acc_per_seed=[float(a) for a in entry.get("test_acc_per_seed", [])], drop=float(entry["drop"]),
+            model=model,
+        )
+
+    def _measure(self) -> None:
+        """Warm up, then time every variant at batch 1 and 64 on this machine (median of runs)."""
+        for variant in self.variants:
+            for batch in LATENCY_BATCHES:
+                x = torch.randn(batch, 3, 32, 32)
+                self.forward(variant, x)  # warm-up: allocator, oneDNN primitive cache
+                times = []
+                for _ in range(self.probe_runs):
+                    began = time.perf_counter()
+                    self.forward(variant, x)
+                    times.append(time.perf_counter() - began)
+                p50 = statistics.median(times)
+                variant.latency[batch] = {"p50_ms": p50 * 1e3, "p95_ms": _percentile(times, 95) * 1e3,
+                                          "images_per_s": batch / p50}
+
+    # -- inference -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, variant: Variant, images: Tensor) -> Tensor:
+        """Normalised float images [N, 3, 32, 32] → class probabilities [N, C] (float32)."""
+        with self._lock, autocast(self.precision == "bf16"):
+            logits = variant.model(images.contiguous(memory_format=torch.channels_last))
+        return torch.softmax(logits.float(), dim=1)
+
+    # -- selection -------------------------------------------------------------------------
+    def keeps(self) -> list[float]:
+        return [v.keep for v in self.variants]
+
+    def by_keep(self, keep: float) -> Variant | None:
+        for variant in self.variants:
+            if math.isclose(variant.keep, keep, abs_tol=1e-9):
+                return variant
+        return None
+
+    def auto(self, max_drop: float) -> Variant | None:
+        """Sparsest variant whose measured accuracy drop is ≤ max_drop points."""
+        eligible = [v for v in self.variants if v.drop <= max_drop]
+        return min(eligible, key=lambda v: v.keep) if eligible else None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[index]

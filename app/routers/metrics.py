@@ -1,0 +1,44 @@
+"""Prometheus text format, and a JSON view with live per-variant latency."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.service import Service, get_service
+
+router = APIRouter(tags=["metrics"])
+
+
+def _json_view(service: Service) -> dict:
+    registry = service.registry
+    return {
+        "ready": registry.ready,
+        "variants": [
+            {"name": v.name, "keep": v.keep, "granularity": v.granularity, "test_acc_mean": v.test_acc_mean,
+             "drop": v.drop, "params": v.params, "checkpoint_bytes": v.bytes,
+             "startup_latency": {f"batch_{b}": s for b, s in sorted(v.latency.items())},
+             "live_latency": service.metrics.live_latency(v.name),
+             "queued_images": service.batchers[v.name].pending_images if v.name in service.batchers else 0}
+            for v in registry.variants
+        ],
+    }
+
+
+@router.get("/metrics", summary="Prometheus metrics (format=json for a JSON view)",
+            responses={200: {"content": {"text/plain": {}, "application/json": {}}}})
+async def metrics(format: Literal["prometheus", "json"] = Query("prometheus"),
+                  service: Service = Depends(get_service)) -> Response:
+    if format == "json":
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(_json_view(service))
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/metrics.json", summary="JSON view of the metrics")
+async def metrics_json(service: Service = Depends(get_service)) -> dict:
+    return _json_view(service)

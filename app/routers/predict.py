@@ -1,0 +1,157 @@
+"""POST /predict: images in, classes and probabilities out, at the requested point of the trade-off."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.batching import QueueFull
+from app.images import ImageError, decode_image, stack
+from app.registry import Variant
+from app.schemas import ErrorResponse, PredictResponse
+from app.service import Service, get_ready_service
+
+router = APIRouter(tags=["predict"])
+
+UPLOAD_FIELDS = ("files", "file")
+_ERRORS = {
+    413: {"model": ErrorResponse, "description": "body, image count or image pixels over the limit"},
+    415: {"model": ErrorResponse, "description": "unsupported content type, or a file that is not an image"},
+    422: {"model": ErrorResponse, "description": "bad query (keep, top_k, max_drop) or unusable image"},
+    503: {"model": ErrorResponse, "description": "not ready, or the queue is full (see Retry-After)"},
+}
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "multipart/form-data with one or more images in `files` (or `file`), "
+                       "or one raw image body with an image/* content type",
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                "file": {"type": "string", "format": "binary"}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def resolve_variant(service: Service, keep: str | None, max_drop: float | None) -> Variant:
+    registry = service.registry
+    available = ", ".join(f"{k:g}" for k in registry.keeps())
+    if keep is None or keep == "":
+        default = service.settings.default_keep
+        variant = registry.by_keep(default if default is not None else 1.0) or registry.variants[0]
+        return variant
+    if keep.strip().lower() == "auto":
+        if max_drop is None:
+            raise HTTPException(422, detail="keep=auto needs max_drop (accuracy points you accept to lose)")
+        variant = registry.auto(max_drop)
+        if variant is None:
+            raise HTTPException(422, detail=f"no variant loses at most {max_drop:g} points; "
+                                            f"smallest measured drop is {min(v.drop for v in registry.variants):.2f}")
+        return variant
+    try:
+        value = float(keep)
+    except ValueError:
+        raise HTTPException(422, detail=f"keep must be a number in (0, 1] or 'auto', got {keep!r}") from None
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise HTTPException(422, detail=f"keep must be in (0, 1], got {keep!r}; available: {available}")
+    variant = registry.by_keep(value)
+    if variant is None:
+        raise HTTPException(422, detail=f"no variant with keep={value:g}; available keeps: {available}")
+    return variant
+
+
+async def read_uploads(request: Request, service: Service) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every uploaded image, with the count limit enforced while parsing."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";")[0].strip().lower()
+    max_images = service.settings.max_images
+    if media_type == "multipart/form-data":
+        try:
+            form = await request.form(max_files=max_images, max_fields=max_images + 16)
+        except StarletteHTTPException as exc:
+            if exc.status_code == 413:  # our body limit, raised while the form streamed in
+                raise
+            if "Too many files" in str(exc.detail):
+                raise HTTPException(413, detail=f"more than MAX_IMAGES={max_images} files in one request") from exc
+            raise HTTPException(422, detail=f"malformed multipart body: {exc.detail}") from exc
+        uploads: list[tuple[str, bytes]] = []
+        try:
+            for field in UPLOAD_FIELDS:
+                for index, item in enumerate(form.getlist(field)):
+                    if not isinstance(item, UploadFile):
+                        raise HTTPException(422, detail=f"field {field!r} #{index} must be a file upload, not text")
+                    uploads.append((item.filename or f"{field}[{index}]", await item.read()))
+        finally:
+            await form.close()
+        if not uploads:
+            raise HTTPException(422, detail="no image uploaded: send files in the multipart field 'files' (or 'file')")
+        return uploads
+    if media_type.startswith("image/"):
+        body = await request.body()
+        return [("body", body)]
+    raise HTTPException(415, detail=f"unsupported content type {content_type or '(none)'!r}: "
+                                    "use multipart/form-data with field 'files', or a raw image/* body")
+
+
+@router.post("/predict", response_model=PredictResponse, response_model_by_alias=True, responses=_ERRORS,
+             openapi_extra=_BODY_DOC, summary="Classify images with the chosen variant")
+async def predict(
+    request: Request,
+    keep: str | None = Query(None, description="keep ratio of a shipped variant (e.g. 0.3), or 'auto'",
+                             max_length=32),
+    max_drop: float | None = Query(None, ge=0, le=100, allow_inf_nan=False,
+                                   description="with keep=auto: accuracy points you accept to lose"),
+    top_k: int = Query(3, ge=1, le=1000, description="how many classes with probabilities to return"),
+    service: Service = Depends(get_ready_service),
+) -> dict:
+    began = time.perf_counter()
+    variant_label, status, count = "none", 500, 0
+    try:
+        variant = resolve_variant(service, keep, max_drop)
+        variant_label = variant.name
+        uploads = await read_uploads(request, service)
+        count = len(uploads)
+        if count > service.settings.max_images:
+            raise HTTPException(413, detail=f"{count} images; the limit is MAX_IMAGES={service.settings.max_images}")
+        try:
+            tensors = await run_in_threadpool(
+                lambda: [decode_image(data, name, service.settings.max_pixels) for name, data in uploads])
+        except ImageError as exc:
+            raise HTTPException(exc.status, detail=exc.message) from exc
+        started = time.perf_counter()
+        try:
+            probs = await service.predict(variant, stack(tensors))
+        except QueueFull as exc:
+            raise HTTPException(503, detail=f"server busy: {exc}; retry shortly",
+                                headers={"Retry-After": "1"}) from exc
+        inference_ms = (time.perf_counter() - started) * 1e3
+        response = _response(service, variant, uploads, probs, top_k, inference_ms)
+        status = 200
+        return response
+    except HTTPException as exc:
+        status = exc.status_code
+        raise
+    finally:
+        service.metrics.observe_request(variant_label, status, time.perf_counter() - began, count)
+
+
+def _response(service: Service, variant: Variant, uploads: list[tuple[str, bytes]], probs, top_k: int,
+              inference_ms: float) -> dict:
+    classes = service.registry.classes
+    k = min(top_k, len(classes))
+    values, indices = probs.topk(k, dim=1)
+    predictions = []
+    for (name, _), row_values, row_indices in zip(uploads, values.tolist(), indices.tolist()):
+        top = [{"class": classes[i], "index": i, "probability": p} for p, i in zip(row_values, row_indices)]
+        predictions.append({"file": name, "class": top[0]["class"], "index": top[0]["index"],
+                            "probability": top[0]["probability"], "top_k": top})
+    return {"variant": {"name": variant.name, "keep": variant.keep, "sparsity": variant.sparsity,
+                        "granularity": variant.granularity},
+            "predictions": predictions, "inference_ms": inference_ms}

@@ -1,0 +1,43 @@
+"""The trade-off table and plot."""
+
+from __future__ import annotations
+
+import io
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from app.schemas import ErrorResponse, VariantsResponse
+from app.service import Service, get_ready_service
+from training.report import plot_tradeoff
+
+router = APIRouter(tags=["variants"])
+NOT_READY = {503: {"model": ErrorResponse, "description": "models not loaded"}}
+
+
+@router.get("/variants", response_model=VariantsResponse, responses=NOT_READY,
+            summary="One row per variant: size, accuracy (from training) and latency (measured here)")
+async def variants(service: Service = Depends(get_ready_service)) -> dict:
+    registry = service.registry
+    return {"classes": registry.classes, "precision": registry.precision,
+            "variants": [v.describe() for v in registry.variants]}
+
+
+@router.get("/variants/plot", responses={200: {"content": {"image/png": {}}}, **NOT_READY},
+            response_class=Response, summary="Accuracy vs sparsity with measured latency (PNG)")
+async def variants_plot(service: Service = Depends(get_ready_service)) -> Response:
+    registry = service.registry
+    table = registry.manifest.get("sweep") or [
+        {"criterion": "dense" if v.keep == 1.0 else v.criterion, "finetuned": v.finetuned, "keep": v.keep,
+         "sparsity": v.sparsity, "test_acc_mean": v.test_acc_mean, "test_acc_std": v.test_acc_std}
+        for v in registry.variants
+    ]
+    latency = {v.keep: v.latency[1]["p50_ms"] for v in registry.variants if 1 in v.latency}
+
+    def render() -> bytes:
+        buffer = io.BytesIO()
+        plot_tradeoff(table, buffer, latency_ms=latency)
+        return buffer.getvalue()
+
+    return Response(await run_in_threadpool(render), media_type="image/png")

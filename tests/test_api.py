@@ -1,0 +1,354 @@
+"""Service endpoints, bad inputs, micro-batching equality, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import CLASSES, build_models_dir, jpeg_bytes
+from training.checkpoint import load_model
+from training.data import normalize, preprocess
+
+
+def make_client(models_dir: Path, **overrides) -> TestClient:
+    settings = Settings(models_dir=models_dir, latency_probe_runs=3, **overrides)
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    return build_models_dir(tmp_path / "models")
+
+
+@pytest.fixture
+def client(models_dir: Path):
+    with make_client(models_dir) as c:
+        wait_ready(c)
+        yield c
+
+
+def wait_ready(client: TestClient, timeout: float = 30) -> dict:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = client.get("/ready")
+        if r.status_code == 200 or r.json().get("error"):
+            return r.json()
+        time.sleep(0.05)
+    raise AssertionError("service never became ready")
+
+
+def png(size=(32, 32), mode="RGB") -> bytes:
+    return jpeg_bytes((120, 30, 200), size=size, fmt="PNG", mode=mode)
+
+
+def test_health_ready_and_variants(client: TestClient, models_dir: Path) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["ready"] is True
+    table = client.get("/variants").json()
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    assert table["classes"] == list(CLASSES)
+    assert [v["keep"] for v in table["variants"]] == [1.0, 0.5, 0.1]
+    for row, entry in zip(table["variants"], manifest["variants"]):
+        assert row["test_acc_mean"] == entry["test_acc_mean"] and row["drop"] == entry["drop"]
+        assert row["params"] == entry["params"] and row["checkpoint_bytes"] == entry["bytes"]
+        for batch in ("batch_1", "batch_64"):
+            assert row["latency"][batch]["p50_ms"] > 0 and row["latency"][batch]["images_per_s"] > 0
+
+
+def test_predict_multipart_batch_and_field_names(client: TestClient) -> None:
+    files = [("files", ("a.jpg", jpeg_bytes((200, 40, 40)), "image/jpeg")),
+             ("files", ("b.png", png(), "image/png")),
+             ("file", ("c.jpg", jpeg_bytes((40, 40, 200)), "image/jpeg"))]
+    r = client.post("/predict?keep=0.5&top_k=2", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["variant"] == {"name": "gate-keep0.50", "keep": 0.5, "sparsity": 0.5, "granularity": "weight"}
+    assert [p["file"] for p in body["predictions"]] == ["a.jpg", "b.png", "c.jpg"]
+    for p in body["predictions"]:
+        assert len(p["top_k"]) == 2 and p["class"] in CLASSES and p["top_k"][0]["class"] == p["class"]
+        assert p["top_k"][0]["probability"] >= p["top_k"][1]["probability"]
+    assert body["inference_ms"] > 0
+
+
+def test_predict_matches_the_model_loaded_directly(client: TestClient, models_dir: Path) -> None:
+    data = jpeg_bytes((10, 200, 90))
+    r = client.post("/predict?keep=0.1&top_k=3", content=data, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    entry = manifest["variants"][2]
+    model = load_model(models_dir / entry["file"], entry["sha256"])
+    x = normalize(preprocess(Image.open(io.BytesIO(data))).unsqueeze(0), [0.5] * 3, [0.25] * 3)
+    expected = torch.softmax(model(x), 1)[0]
+    top = r.json()["predictions"][0]["top_k"]
+    for item in top:
+        assert abs(item["probability"] - expected[item["index"]].item()) < 1e-5
+
+
+def test_default_and_auto_selection(models_dir: Path) -> None:
+    with make_client(models_dir, default_keep=0.5) as c:
+        wait_ready(c)
+        assert c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).json()["variant"]["keep"] == 0.5
+        # drops are 0, 2, 4 points: auto picks the sparsest within the budget
+        auto = lambda d: c.post(f"/predict?keep=auto&max_drop={d}", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+        assert auto(0).json()["variant"]["keep"] == 1.0
+        assert auto(2.5).json()["variant"]["keep"] == 0.5
+        assert auto(10).json()["variant"]["keep"] == 0.1
+    with make_client(models_dir) as c:
+        wait_ready(c)
+        assert c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).json()["variant"]["keep"] == 1.0
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("P", "GIF"), ("RGBA", "PNG"), ("CMYK", "JPEG"),
+                                      ("RGB", "WEBP"), ("RGB", "BMP"), ("RGB", "TIFF"), ("LA", "PNG")])
+def test_every_common_image_kind_is_accepted(client: TestClient, mode: str, fmt: str) -> None:
+    data = jpeg_bytes((50, 100, 150), size=(48, 40), fmt=fmt, mode=mode)
+    r = client.post("/predict", files={"files": (f"x.{fmt.lower()}", data)})
+    assert r.status_code == 200, r.text
+
+
+def test_sixteen_bit_png_is_accepted(client: TestClient) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(buffer, format="PNG")
+    assert client.post("/predict", files={"files": ("deep.png", buffer.getvalue())}).status_code == 200
+
+
+def _truncated() -> bytes:
+    data = jpeg_bytes((1, 2, 3), size=(64, 64))
+    return data[: len(data) // 2]
+
+
+def _bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")  # 400 MP, a few KB compressed
+    return buffer.getvalue()
+
+
+BAD_REQUESTS = [
+    # (id, query, request kwargs, expected status)
+    ("keep-unknown", "keep=0.42", "one", 422),
+    ("keep-zero", "keep=0", "one", 422),
+    ("keep-negative", "keep=-0.5", "one", 422),
+    ("keep-above-one", "keep=1.5", "one", 422),
+    ("keep-nan", "keep=nan", "one", 422),
+    ("keep-inf", "keep=inf", "one", 422),
+    ("keep-text", "keep=lots", "one", 422),
+    ("keep-too-long", "keep=" + "9" * 40, "one", 422),
+    ("auto-without-max-drop", "keep=auto", "one", 422),
+    ("top-k-huge", "top_k=100000", "one", 422),
+    ("max-drop-negative", "keep=auto&max_drop=-1", "one", 422),
+    ("max-drop-text", "keep=auto&max_drop=abc", "one", 422),
+    ("top-k-zero", "top_k=0", "one", 422),
+    ("top-k-text", "top_k=x", "one", 422),
+    ("no-body", "", "none", 415),
+    ("multipart-no-files", "", "multipart-empty", 422),
+    ("multipart-text-field", "", "multipart-text", 422),
+    ("empty-file", "", "empty", 422),
+    ("not-an-image", "", "text", 415),
+    ("truncated-image", "", "truncated", 422),
+    ("wrong-content-type", "", "json", 415),
+    ("raw-not-image", "", "raw-garbage", 415),
+    ("too-many-files", "", "many", 413),
+    ("body-too-large", "", "huge", 413),
+    ("decompression-bomb", "", "bomb", 413),
+    ("pixels-over-limit", "", "big-image", 413),
+    ("malformed-multipart", "", "broken-multipart", 422),
+    ("bad-content-length", "", "bad-length", 400),
+]
+
+
+def _send(client: TestClient, query: str, kind: str) -> httpx.Response:
+    url = f"/predict?{query}" if query else "/predict"
+    one = {"files": ("a.jpg", jpeg_bytes((1, 2, 3)), "image/jpeg")}
+    if kind == "one":
+        return client.post(url, files=one)
+    if kind == "none":
+        return client.post(url)
+    if kind == "multipart-empty":
+        return client.post(url, files={"other": ("a.txt", b"x")}, data={"note": "hi"})
+    if kind == "multipart-text":
+        return client.post(url, data={"files": "not a file"}, files={"x": ("x", b"1")})
+    if kind == "empty":
+        return client.post(url, files={"files": ("empty.jpg", b"", "image/jpeg")})
+    if kind == "text":
+        return client.post(url, files={"files": ("notes.txt", b"hello, I am text", "text/plain")})
+    if kind == "truncated":
+        return client.post(url, files={"files": ("cut.jpg", _truncated(), "image/jpeg")})
+    if kind == "json":
+        return client.post(url, json={"image": "abc"})
+    if kind == "raw-garbage":
+        return client.post(url, content=b"\x00\x01garbage", headers={"content-type": "image/png"})
+    if kind == "many":
+        return client.post(url, files=[("files", (f"{i}.jpg", jpeg_bytes((i, i, i)))) for i in range(9)])
+    if kind == "huge":
+        return client.post(url, content=b"\xff" * 70_000, headers={"content-type": "image/jpeg"})
+    if kind == "bomb":
+        return client.post(url, files={"files": ("bomb.png", _bomb(), "image/png")})
+    if kind == "big-image":
+        return client.post(url, files={"files": ("big.png", png(size=(300, 300)), "image/png")})
+    if kind == "broken-multipart":
+        return client.post(url, content=b"--xyz\r\nContent-Disposition: form-data; name=\"files\"\r\n\r\nabc",
+                           headers={"content-type": "multipart/form-data; boundary=xyz"})
+    if kind == "bad-length":
+        return client.post(url, content=b"abc", headers={"content-type": "image/png", "content-length": "zz"})
+    raise AssertionError(kind)
+
+
+@pytest.fixture
+def strict_client(models_dir: Path):
+    with make_client(models_dir, max_images=8, max_body_bytes=65_536, max_pixels=50_000) as c:
+        wait_ready(c)
+        yield c
+
+
+@pytest.mark.parametrize("name,query,kind,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_answering(strict_client: TestClient, name: str,
+                                                                    query: str, kind: str, status: int | None) -> None:
+    try:
+        r = _send(strict_client, query, kind)
+    except httpx.LocalProtocolError:
+        pytest.skip("the HTTP client refuses to send this malformed request")
+    expected = status or 422
+    assert r.status_code == expected, (name, r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    detail = r.json()["detail"]
+    assert detail and "Traceback" not in json.dumps(detail)
+    ok = strict_client.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+    assert ok.status_code == 200
+
+
+def test_unknown_keep_lists_available_keeps(client: TestClient) -> None:
+    detail = client.post("/predict?keep=0.42", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).json()["detail"]
+    assert "1, 0.5, 0.1" in detail
+
+
+def test_image_error_names_the_file(client: TestClient) -> None:
+    r = client.post("/predict", files=[("files", ("good.jpg", jpeg_bytes((1, 2, 3)))),
+                                       ("files", ("bad.jpg", b"not an image"))])
+    assert r.status_code == 415 and "bad.jpg" in r.json()["detail"]
+
+
+def test_chunked_body_over_limit_is_refused_without_content_length(strict_client: TestClient) -> None:
+    def chunks():
+        for _ in range(20):
+            yield b"\xff" * 8192
+
+    r = strict_client.post("/predict", content=chunks(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 413
+
+
+def test_queue_full_gives_503_with_retry_after(models_dir: Path) -> None:
+    with make_client(models_dir, queue_size=1) as c:
+        wait_ready(c)
+        files = [("files", (f"{i}.jpg", jpeg_bytes((i, 2, 3)))) for i in range(2)]
+        r = c.post("/predict", files=files)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+        assert c.post("/predict", files=files[:1]).status_code == 200
+
+
+def test_not_ready_when_a_checkpoint_was_tampered_with(models_dir: Path) -> None:
+    path = models_dir / "variants" / "gate-keep0.50.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with make_client(models_dir) as c:
+        state = wait_ready(c)
+        assert state["ready"] is False and "gate-keep0.50.safetensors" in state["error"] and "sha256" in state["error"]
+        assert c.get("/ready").status_code == 503
+        assert c.get("/health").status_code == 200
+        r = c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+        assert r.status_code == 503 and "sha256" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("fault", ["missing-file", "no-manifest", "bad-json", "truncated"])
+def test_not_ready_names_the_problem(models_dir: Path, fault: str) -> None:
+    if fault == "missing-file":
+        (models_dir / "variants" / "gate-keep0.10.safetensors").unlink()
+        expected = "missing"
+    elif fault == "no-manifest":
+        (models_dir / "manifest.json").unlink()
+        expected = "manifest is missing"
+    elif fault == "bad-json":
+        (models_dir / "manifest.json").write_text("{not json")
+        expected = "not valid JSON"
+    else:
+        path = models_dir / "variants" / "dense.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+        expected = "sha256 mismatch"
+    with make_client(models_dir) as c:
+        state = wait_ready(c)
+        assert state["ready"] is False and expected in state["error"]
+
+
+def test_micro_batched_results_equal_predicting_alone(models_dir: Path) -> None:
+    images = [jpeg_bytes((i * 20 % 255, 255 - i * 9, i * 5)) for i in range(12)]
+
+    async def run(max_batch: int) -> list[list[float]]:
+        settings = Settings(models_dir=models_dir, latency_probe_runs=3, max_batch=max_batch, max_wait_ms=50)
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            await app.state.service.wait_loaded()
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                responses = await asyncio.gather(*[
+                    c.post("/predict?keep=0.5&top_k=3", files={"files": (f"{i}.jpg", img)})
+                    for i, img in enumerate(images)])
+            batches = app.state.service.metrics.batch_size.labels("gate-keep0.50")
+            counted = sum(s.value for m in app.state.service.metrics.registry.collect()
+                          if m.name == "prune_batch_size_images" for s in m.samples
+                          if s.name.endswith("_count") and s.labels.get("variant") == "gate-keep0.50")
+            assert batches is not None and counted >= 1
+            if max_batch > 1:
+                assert counted < len(images), "concurrent requests should have shared forward passes"
+        return [[t["probability"] for t in r.json()["predictions"][0]["top_k"]] for r in responses]
+
+    batched, alone = asyncio.run(run(64)), asyncio.run(run(1))
+    for b, a in zip(batched, alone):
+        assert np.allclose(b, a, atol=1e-5)
+
+
+def test_metrics_prometheus_and_json(client: TestClient) -> None:
+    client.post("/predict?keep=0.5", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+    client.post("/predict?keep=0.77", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+    text = client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    acc = {s.labels["variant"]: s.value for s in families["prune_variant_test_accuracy_percent"].samples}
+    assert acc == {"dense": 90.5, "gate-keep0.50": 88.5, "gate-keep0.10": 86.5}
+    requests = {(s.labels["variant"], s.labels["status"]): s.value for s in families["prune_requests"].samples
+                if s.name == "prune_requests_total"}
+    assert requests[("gate-keep0.50", "200")] == 1 and requests[("none", "422")] == 1
+    assert "prune_request_latency_seconds" in families and "prune_batch_size_images" in families
+    assert "prune_queue_depth_images" in families
+    params = {(s.labels["variant"], s.labels["kind"]): s.value for s in families["prune_variant_parameters"].samples}
+    assert params[("gate-keep0.10", "nonzero")] < params[("dense", "nonzero")]
+    view = client.get("/metrics?format=json").json()
+    assert client.get("/metrics.json").json()["variants"][0]["name"] == "dense"
+    row = next(v for v in view["variants"] if v["name"] == "gate-keep0.50")
+    assert row["live_latency"]["requests"] == 1 and row["live_latency"]["p50_ms"] > 0
+    assert row["test_acc_mean"] == 88.5 and row["params"]["total"] > 0
+
+
+def test_plot_is_a_png(client: TestClient) -> None:
+    r = client.get("/variants/plot")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).format == "PNG"
+
+
+def test_openapi_documents_errors_and_body(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    post = spec["paths"]["/predict"]["post"]
+    assert {"413", "415", "422", "503"} <= set(post["responses"])
+    assert {"multipart/form-data", "image/*"} <= set(post["requestBody"]["content"])
