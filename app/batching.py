@@ -87,7 +87,7 @@ class MicroBatcher:
                 try:
                     job = self._queue.get_nowait() if self._queue.qsize() else \
                         await asyncio.wait_for(self._queue.get(), max(timeout, 0))
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     break
                 if count + len(job.images) > self.max_batch:
                     await self._run_jobs(jobs, count)  # the batch is full: run it, start the next with job

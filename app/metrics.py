@@ -19,8 +19,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         labels = ("variant", "keep", "granularity")
-        self.accuracy = Gauge("prune_variant_test_accuracy_percent", "Test accuracy measured by training (mean over seeds)",
-                              labels, registry=self.registry)
+        self.accuracy = Gauge("prune_variant_test_accuracy_percent",
+                              "Test accuracy measured by training (mean over seeds)", labels, registry=self.registry)
         self.accuracy_drop = Gauge("prune_variant_accuracy_drop_points", "Accuracy points lost vs dense",
                                    labels, registry=self.registry)
         self.parameters = Gauge("prune_variant_parameters", "Parameter counts (kind: total, prunable, nonzero)",

@@ -103,7 +103,9 @@ def test_default_and_auto_selection(models_dir: Path) -> None:
         wait_ready(c)
         assert c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).json()["variant"]["keep"] == 0.5
         # drops are 0, 2, 4 points: auto picks the sparsest within the budget
-        auto = lambda d: c.post(f"/predict?keep=auto&max_drop={d}", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+        def auto(max_drop: float) -> httpx.Response:
+            return c.post(f"/predict?keep=auto&max_drop={max_drop}", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+
         assert auto(0).json()["variant"]["keep"] == 1.0
         assert auto(2.5).json()["variant"]["keep"] == 0.5
         assert auto(10).json()["variant"]["keep"] == 0.1

@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gate-lr", type=float, default=defaults.gate_lr)
     p.add_argument("--gate-min-keep", type=float, default=defaults.gate_min_keep)
     p.add_argument("--gate-dense-prob", type=float, default=defaults.gate_dense_prob)
+    p.add_argument("--gate-keep-dist", choices=("log", "uniform"), default=defaults.gate_keep_dist)
     p.add_argument("--gate-start-epoch", type=int, default=defaults.gate_start_epoch)
     p.add_argument("--gate-penalty", type=float, default=defaults.gate_penalty)
     p.add_argument("--no-bf16", action="store_true", help="train and evaluate in float32")
@@ -81,7 +82,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        label_smoothing=args.label_smoothing, gate_method=args.gate_method, gate_lr=args.gate_lr,
                        gate_min_keep=args.gate_min_keep, gate_dense_prob=args.gate_dense_prob,
-                       gate_start_epoch=args.gate_start_epoch, gate_penalty=args.gate_penalty, bf16=not args.no_bf16)
+                       gate_start_epoch=args.gate_start_epoch, gate_keep_dist=args.gate_keep_dist,
+                       gate_penalty=args.gate_penalty, bf16=not args.no_bf16)
 
 
 def _variant_name(criterion: str, keep: float) -> str:

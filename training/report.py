@@ -25,7 +25,8 @@ def write_tables(table: list[dict], out: Path) -> None:
              "|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {row['criterion']} | {row['keep']:.2f} | {row['sparsity'] * 100:.0f}% | "
-                     f"{'yes' if row['finetuned'] else 'no'} | {row['test_acc_mean']:.2f} ± {row['test_acc_std']:.2f} | "
+                     f"{'yes' if row['finetuned'] else 'no'} | "
+                     f"{row['test_acc_mean']:.2f} ± {row['test_acc_std']:.2f} | "
                      f"{row['drop']:+.2f} | {row['nonzero']:,} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 

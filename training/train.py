@@ -38,7 +38,8 @@ class TrainConfig:
     gate_method: str = "st_topk"
     gate_lr: float = 0.01  # Adam on scores: scores must move O(1) while weights move O(0.05)
     gate_dense_prob: float = 0.3  # st_topk: share of steps trained dense, so the full model stays strong
-    gate_min_keep: float = 0.03  # st_topk: random keep ratios are drawn log-uniformly in [this, 1]
+    gate_min_keep: float = 0.03  # st_topk: random keep ratios are drawn from [this, 1] ...
+    gate_keep_dist: str = "log"  # ... log-uniformly ("log") or uniformly ("uniform")
     gate_start_epoch: int = 1  # st_topk: dense epochs first, so scores separate before masks are drawn
     gate_penalty: float = 1.0  # penalty method: weight of mean(sigmoid(S)), ramped up linearly from 0
     bf16: bool = True  # bfloat16 autocast: ~3x faster on CPUs with AMX, fp32 master weights
@@ -92,8 +93,10 @@ def sampled_train_masks(model: GatedNet, keep: float) -> dict[str, Tensor]:
 def _draw_keep(cfg: TrainConfig, generator: torch.Generator) -> float:
     if torch.rand(1, generator=generator).item() < cfg.gate_dense_prob:
         return 1.0
-    low = math.log(cfg.gate_min_keep)
-    return math.exp(low + (0 - low) * torch.rand(1, generator=generator).item())
+    u = torch.rand(1, generator=generator).item()
+    if cfg.gate_keep_dist == "uniform":
+        return cfg.gate_min_keep + (1 - cfg.gate_min_keep) * u
+    return math.exp(math.log(cfg.gate_min_keep) * (1 - u))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""Serving benchmark over real HTTP (loopback only).
+
+1. Accuracy: sends the 10,000 CIFAR-10 test images (the original JPEG bytes) to a running server for
+   every variant and compares the served accuracy with the manifest's figure for the same checkpoint
+   (the release seed's test accuracy; the manifest's mean is over all seeds and is shown too).
+2. Micro-batching: 32 concurrent clients sending one image per request, against a server with
+   MAX_BATCH=64 and one with MAX_BATCH=1 (batching off); prints images/s and the ratio.
+
+    python bench/serve_bench.py --data ../shared/data/cifar10-jpeg.tar.gz --models-dir models
+
+It starts its own servers with `prune-serve` on 127.0.0.1 (ports --port and --port+1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def load_test_jpegs(path: Path, classes: list[str]) -> list[tuple[bytes, int]]:
+    """(jpeg bytes, label) for every test image, read straight from the tarball or an ImageFolder."""
+    items = []
+    if path.is_file():
+        with tarfile.open(path) as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if member.isfile() and len(parts) >= 3 and parts[-3] == "test" and parts[-2] in classes:
+                    items.append((member.name, tar.extractfile(member).read(), classes.index(parts[-2])))
+    else:
+        for label, cls in enumerate(classes):
+            for file in sorted((path / "test" / cls).iterdir()):
+                items.append((str(file), file.read_bytes(), label))
+    items.sort()
+    return [(data, label) for _, data, label in items]
+
+
+def start_server(models_dir: str, port: int, max_batch: int) -> subprocess.Popen:
+    env = {**os.environ, "MODELS_DIR": models_dir, "MAX_BATCH": str(max_batch), "PORT": str(port),
+           "HOST": "127.0.0.1", "LATENCY_PROBE_RUNS": "5"}
+    return subprocess.Popen([sys.executable, "-m", "app.cli"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+async def wait_ready(url: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.time() < deadline:
+            try:
+                r = await client.get(f"{url}/ready")
+                if r.status_code == 200:
+                    return
+                if r.json().get("error"):
+                    raise RuntimeError(r.json()["error"])
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+async def served_accuracy(url: str, keep: float, images: list[tuple[bytes, int]], per_request: int = 50,
+                          concurrency: int = 4) -> float:
+    correct = 0
+    queue = [images[i:i + per_request] for i in range(0, len(images), per_request)]
+    async with httpx.AsyncClient(timeout=120) as client:
+        async def worker() -> None:
+            nonlocal correct
+            while queue:
+                chunk = queue.pop()
+                files = [("files", (f"{i}.jpg", data, "image/jpeg")) for i, (data, _) in enumerate(chunk)]
+                r = await client.post(f"{url}/predict", params={"keep": keep, "top_k": 1}, files=files)
+                r.raise_for_status()
+                correct += sum(p["index"] == label for p, (_, label) in zip(r.json()["predictions"], chunk))
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return 100 * correct / len(images)
+
+
+async def throughput(url: str, keep: float, images: list[tuple[bytes, int]], clients: int, seconds: float) -> dict:
+    done, latencies, errors = 0, [], 0
+    stop = time.perf_counter() + seconds
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=clients)) as client:
+        async def worker(offset: int) -> None:
+            nonlocal done, errors
+            i = offset
+            while time.perf_counter() < stop:
+                data = images[i % len(images)][0]
+                began = time.perf_counter()
+                r = await client.post(f"{url}/predict", params={"keep": keep, "top_k": 1},
+                                      files={"files": ("x.jpg", data, "image/jpeg")})
+                latencies.append(time.perf_counter() - began)
+                if r.status_code == 200:
+                    done += 1
+                else:
+                    errors += 1
+                i += clients
+        began = time.perf_counter()
+        await asyncio.gather(*[worker(k) for k in range(clients)])
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    return {"images_per_s": done / elapsed, "errors": errors, "p50_ms": 1e3 * statistics.median(latencies),
+            "p95_ms": 1e3 * latencies[int(0.95 * (len(latencies) - 1))]}
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    manifest = json.loads((Path(args.models_dir) / "manifest.json").read_text())
+    images = load_test_jpegs(Path(args.data), manifest["classes"])
+    release = manifest["training"]["release_seed"]
+    keeps = args.keeps or [v["keep"] for v in manifest["variants"]]
+    print(f"{len(images)} test images; variants: {keeps}")
+
+    url = f"http://127.0.0.1:{args.port}"
+    server = start_server(args.models_dir, args.port, 64)
+    try:
+        await wait_ready(url)
+        print("\n| variant | keep | served acc % | manifest acc % (release seed) | diff | manifest mean ± std |")
+        print("|---|---|---|---|---|---|")
+        worst = 0.0
+        for variant in manifest["variants"]:
+            if variant["keep"] not in keeps:
+                continue
+            served = await served_accuracy(url, variant["keep"], images)
+            expected = variant["test_acc_per_seed"][release]
+            worst = max(worst, abs(served - expected))
+            print(f"| {variant['name']} | {variant['keep']:g} | {served:.2f} | {expected:.2f} | "
+                  f"{served - expected:+.2f} | {variant['test_acc_mean']:.2f} ± {variant['test_acc_std']:.2f} |",
+                  flush=True)
+        print(f"largest |served - manifest| = {worst:.2f} points (goal <= 0.5)")
+        batched = await throughput(url, args.throughput_keep, images, args.clients, args.seconds)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    unbatched_url = f"http://127.0.0.1:{args.port + 1}"
+    server = start_server(args.models_dir, args.port + 1, 1)
+    try:
+        await wait_ready(unbatched_url)
+        unbatched = await throughput(unbatched_url, args.throughput_keep, images, args.clients, args.seconds)
+    finally:
+        server.terminate()
+        server.wait(30)
+    print(f"\nmicro-batching, keep={args.throughput_keep:g}, {args.clients} concurrent clients, 1 image/request, "
+          f"{args.seconds:g}s each:")
+    for name, r in (("MAX_BATCH=64", batched), ("MAX_BATCH=1 (off)", unbatched)):
+        print(f"  {name:>18}: {r['images_per_s']:7.1f} images/s  p50 {r['p50_ms']:6.1f} ms  "
+              f"p95 {r['p95_ms']:6.1f} ms  errors {r['errors']}")
+    print(f"  ratio: {batched['images_per_s'] / unbatched['images_per_s']:.2f}x (goal >= 2x)")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="cifar10-jpeg.tar.gz or an ImageFolder root with test/")
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--keeps", type=float, nargs="*", help="variants to check (default: all)")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--throughput-keep", type=float, default=1.0)
+    return asyncio.run(main_async(p.parse_args()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
