@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gate-min-keep", type=float, default=defaults.gate_min_keep)
     p.add_argument("--gate-dense-prob", type=float, default=defaults.gate_dense_prob)
     p.add_argument("--gate-keep-dist", choices=("log", "uniform"), default=defaults.gate_keep_dist)
+    p.add_argument("--gate-rank", choices=("score", "effective"), default=defaults.gate_rank)
     p.add_argument("--gate-start-epoch", type=int, default=defaults.gate_start_epoch)
     p.add_argument("--gate-penalty", type=float, default=defaults.gate_penalty)
     p.add_argument("--no-bf16", action="store_true", help="train and evaluate in float32")
@@ -58,12 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=0, help="use only this many training images (smoke runs)")
     p.add_argument("--keeps", type=float, nargs="+", default=list(DEFAULT_KEEPS))
     p.add_argument("--criteria", nargs="+", choices=CRITERIA, default=list(CRITERIA))
-    p.add_argument("--ship-criterion", choices=CRITERIA, default="gate", help="criterion of exported variants")
+    p.add_argument("--ship-criterion", choices=CRITERIA, default="gate_magnitude", help="criterion of exported variants")
     p.add_argument("--scope", choices=SCOPES, default="global")
     p.add_argument("--floor", type=float, default=0.002, help="per-layer minimum fraction of weights kept")
     p.add_argument("--calib-images", type=int, default=2000, help="training images for BN recalibration")
     p.add_argument("--finetune-steps", type=int, default=40, help="masked fine-tune steps per variant (0: off)")
-    p.add_argument("--finetune-criteria", nargs="*", choices=CRITERIA, default=["gate", "magnitude"])
+    p.add_argument("--finetune-criteria", nargs="*", choices=CRITERIA, default=["gate_magnitude", "magnitude"])
     p.add_argument("--finetune-max-keep", type=float, default=0.5, help="fine-tune variants with keep <= this")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
@@ -79,11 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                       label_smoothing=args.label_smoothing, gate_method=args.gate_method, gate_lr=args.gate_lr,
-                       gate_min_keep=args.gate_min_keep, gate_dense_prob=args.gate_dense_prob,
-                       gate_start_epoch=args.gate_start_epoch, gate_keep_dist=args.gate_keep_dist,
-                       gate_penalty=args.gate_penalty, bf16=not args.no_bf16)
+    """Every TrainConfig field that has a flag of the same name (``--gate-lr`` → gate_lr)."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**given, bf16=not args.no_bf16)
 
 
 def _variant_name(criterion: str, keep: float) -> str:

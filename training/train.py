@@ -36,10 +36,11 @@ class TrainConfig:
     label_smoothing: float = 0.2  # airbench's value: better-calibrated logits, a few tenths of accuracy
     translate: int = 2  # random-crop padding in pixels (airbench uses 2 for short schedules)
     gate_method: str = "st_topk"
-    gate_lr: float = 0.01  # Adam on scores: scores must move O(1) while weights move O(0.05)
-    gate_dense_prob: float = 0.3  # st_topk: share of steps trained dense, so the full model stays strong
+    gate_lr: float = 0.003  # Adam on scores: scores must move O(1) while weights move O(0.05)
+    gate_dense_prob: float = 0.5  # st_topk: share of steps trained dense, so the full model stays strong
     gate_min_keep: float = 0.03  # st_topk: random keep ratios are drawn from [this, 1] ...
     gate_keep_dist: str = "log"  # ... log-uniformly ("log") or uniformly ("uniform")
+    gate_rank: str = "effective"  # st_topk masks rank by the score S ("score") or by |W·sigmoid(S)| ("effective")
     gate_start_epoch: int = 1  # st_topk: dense epochs first, so scores separate before masks are drawn
     gate_penalty: float = 1.0  # penalty method: weight of mean(sigmoid(S)), ramped up linearly from 0
     bf16: bool = True  # bfloat16 autocast: ~3x faster on CPUs with AMX, fp32 master weights
@@ -80,14 +81,20 @@ def augment(images: Tensor, translate: int, generator: torch.Generator) -> Tenso
 # Straight-through top-K masks for training
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sampled_train_masks(model: GatedNet, keep: float) -> dict[str, Tensor]:
-    """Global top-K by score at ``keep``; the threshold comes from a strided sample (cheap, ≈ exact)."""
+def sampled_train_masks(model: GatedNet, keep: float, rank: str = "score") -> dict[str, Tensor]:
+    """Global top-K at ``keep`` by the score S (rank='score', the `gate` criterion) or by the effective
+    weight |W·sigmoid(S)| (rank='effective', the `gate_magnitude` criterion). The threshold comes from
+    a strided sample: cheap, and within a fraction of a percent of the exact K."""
     layers = model.gated_layers()
-    flat = torch.cat([layer.score.detach().flatten() for _, layer in layers])
+    if rank == "effective":
+        ranks = {name: (layer.weight * layer.gate()).abs() for name, layer in layers}
+    else:
+        ranks = {name: layer.score.detach() for name, layer in layers}
+    flat = torch.cat([r.flatten() for r in ranks.values()])
     sample = flat[:: max(1, len(flat) // 200_000)]
     k = max(1, int(round((1 - keep) * len(sample))))
     threshold = sample.kthvalue(k).values
-    return {name: (layer.score.detach() > threshold).to(layer.weight.dtype) for name, layer in layers}
+    return {name: (ranks[name] > threshold).to(layer.weight.dtype) for name, layer in layers}
 
 
 def _draw_keep(cfg: TrainConfig, generator: torch.Generator) -> float:
@@ -186,7 +193,7 @@ def train(
 
             masked = cfg.gate_method == "st_topk" and epoch >= cfg.gate_start_epoch
             keep = _draw_keep(cfg, generator) if masked else 1.0
-            model.set_train_masks(sampled_train_masks(model, keep) if keep < 1.0 else None)
+            model.set_train_masks(sampled_train_masks(model, keep, cfg.gate_rank) if keep < 1.0 else None)
             with autocast(cfg.bf16):
                 loss = F.cross_entropy(model(batch), target, label_smoothing=cfg.label_smoothing)
             if cfg.gate_method == "penalty":
