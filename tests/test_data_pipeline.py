@@ -137,7 +137,7 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
         assert len(variant["test_acc_per_seed"]) == 2
         assert variant["finetuned"] == (variant["keep"] < 1.0)
     criteria = {(r["criterion"], r["finetuned"]) for r in manifest["sweep"]}
-    assert {("gate", False), ("gate", True), ("magnitude", True), ("random", False)} <= criteria
+    assert {("gate", False), ("gate_magnitude", True), ("magnitude", True), ("random", False)} <= criteria
     for name in ("tradeoff.png", "results.csv", "results.md", "dense.safetensors"):
         assert (out / name).stat().st_size > 0
     assert Image.open(out / "tradeoff.png").format == "PNG"
