@@ -9,11 +9,11 @@ run() {
   local tag=$1; shift
   prune-train --data "$data" --out "$out/$tag/models" --work-dir "$out/$tag/runs" --seeds 1 --epochs 5 \
     --widths 32 64 128 --stem-width 16 --keeps 0.5 0.3 0.1 0.05 --criteria gate gate_magnitude magnitude \
-    --finetune-steps 0 "$@"
+    --finetune-steps 0 --gate-rank score "$@"
 }
 run none --gate-method none
 run penalty --gate-method penalty
-run st_p3 --gate-method st_topk --gate-dense-prob 0.3
+run st_eff_p5_lr003 --gate-method st_topk --gate-rank effective --gate-dense-prob 0.5 --gate-lr 0.003  # shipped
 run st_p5 --gate-method st_topk --gate-dense-prob 0.5
 run st_p5_uniform --gate-method st_topk --gate-dense-prob 0.5 --gate-keep-dist uniform
 run st_p5_lr003 --gate-method st_topk --gate-dense-prob 0.5 --gate-lr 0.003

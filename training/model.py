@@ -22,7 +22,7 @@ from torch import Tensor, nn
 class NetConfig:
     """Architecture hyper-parameters; stored in the manifest so the service rebuilds the same net."""
 
-    widths: tuple[int, int, int] = (64, 128, 256)
+    widths: tuple[int, int, int] = (64, 256, 256)
     stem_width: int = 32
     num_classes: int = 10
     # Multiplies the logits (airbench uses 1/9 with its own learning-rate scale; 1 suits plain SGD here).
