@@ -74,6 +74,7 @@ class Registry:
         self.variants: list[Variant] = []  # sorted by keep, densest first
         self.ready = False
         self.error: str | None = None
+        self._base_cache: dict = {}
         self._lock = threading.Lock()  # one forward pass at a time: 2 cores, torch already uses both
 
     # -- loading ---------------------------------------------------------------------------
@@ -84,6 +85,7 @@ class Registry:
             for entry in self.manifest["variants"]:
                 self.variants.append(self._load_variant(entry))
             self.variants.sort(key=lambda v: -v.keep)
+            self._base_cache.clear()
             self._measure()
             self.ready = True
             log.info("ready: %d variants from %s", len(self.variants), self.models_dir)
@@ -119,7 +121,9 @@ class Registry:
         file = self.models_dir / entry["file"]
         if not file.resolve().is_relative_to(self.models_dir.resolve()):
             raise ModelsError(f"manifest variant {entry['name']!r} points outside the models directory: {file}")
-        model = load_model(file, entry["sha256"])  # sha256-verified, safetensors only
+        # sha256-verified, safetensors only; a variant stored as a mask over dense.safetensors shares
+        # one verified read of it through the cache.
+        model = load_model(file, entry["sha256"], root=self.models_dir, base_cache=self._base_cache)
         if model.config.num_classes != len(self.classes):
             raise ModelsError(f"{file}: model has {model.config.num_classes} outputs, manifest {len(self.classes)}")
         model = model.to(memory_format=torch.channels_last)

@@ -91,3 +91,24 @@ def test_a_pickle_is_never_loaded(tmp_path: Path) -> None:
     torch.save({"x": torch.zeros(1)}, path)  # a zip/pickle file under a safetensors name
     with pytest.raises(CheckpointError):
         load_model(path)
+
+
+def test_masked_variant_stores_no_values_and_needs_its_verified_base(tmp_path: Path) -> None:
+    model = tiny_model()
+    _, base_sha = checkpoint.save_dense(model, tmp_path / "dense.safetensors")
+    base = ("../dense.safetensors", base_sha, checkpoint.folded_weights(model))
+    prune(model, "gate_magnitude", 0.3)
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    size, sha = checkpoint.save_pruned(model, tmp_path / "variants" / "v.safetensors", base)
+    plain_size, _ = checkpoint.save_pruned(model, tmp_path / "plain.safetensors")
+    assert size < plain_size
+    cache: dict = {}
+    loaded = load_model(tmp_path / "variants" / "v.safetensors", sha, base_cache=cache)
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    assert base_sha in cache
+    data = bytearray((tmp_path / "dense.safetensors").read_bytes())
+    data[-7] ^= 0x10
+    (tmp_path / "dense.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="base checkpoint is unusable.*sha256 mismatch"):
+        load_model(tmp_path / "variants" / "v.safetensors", sha)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from tests.conftest import CLASSES, jpeg_bytes
 from training import checkpoint
@@ -135,7 +136,10 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
         nonzero = sum(int(torch.count_nonzero(layer.weight)) for _, layer in model.gated_layers())
         assert nonzero == round(variant["keep"] * variant["params"]["prunable"])
         assert len(variant["test_acc_per_seed"]) == 2
-        assert variant["finetuned"] == (variant["keep"] < 1.0)
+        assert variant["file"].endswith("-ft.safetensors") == variant["finetuned"]
+        if not variant["finetuned"]:  # stored as a mask over dense.safetensors: no weight values at all
+            with safe_open(str(path), framework="pt") as f:
+                assert not any(k.endswith("::values") for k in f.keys() if ".bn" not in k)
     criteria = {(r["criterion"], r["finetuned"]) for r in manifest["sweep"]}
     assert {("gate", False), ("gate_magnitude", True), ("magnitude", True), ("random", False)} <= criteria
     for name in ("tradeoff.png", "results.csv", "results.md", "dense.safetensors"):

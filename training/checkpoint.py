@@ -7,6 +7,9 @@ pruned weight tensor is then stored in whichever encoding is smallest:
   dense    the full float32 tensor (used when little was pruned)
   bitmask  1 bit per weight (packed uint8) + the nonzero values in row-major order
   delta    gaps between consecutive nonzero flat indices (uint8/uint16/int32) + the values
+  masked   1 bit per weight and no values at all: the tensor is the base checkpoint's folded weight
+           times the mask. Variants that were pruned but not fine-tuned share every surviving value
+           with the dense gated checkpoint, so they cost ~N/8 bytes instead of ~N·4·keep.
 Loading rebuilds bit-identical float32 tensors.
 """
 
@@ -58,12 +61,16 @@ def _gap_dtype(max_gap: int) -> torch.dtype:
     return torch.int32
 
 
-def encode(weight: Tensor) -> tuple[str, dict[str, Tensor]]:
-    """Smallest of the three encodings for one float32 tensor."""
+def encode(weight: Tensor, base: Tensor | None = None) -> tuple[str, dict[str, Tensor]]:
+    """Smallest encoding for one float32 tensor (``masked`` only when it equals ``base`` × its mask)."""
     flat = weight.detach().flatten().float().contiguous()
     nonzero = flat.nonzero().flatten()
     values = flat[nonzero]
     options: dict[str, dict[str, Tensor]] = {"dense": {"values": flat}}
+    if base is not None and base.shape == weight.shape:
+        kept = flat != 0
+        if torch.equal(base.detach().flatten().float() * kept, flat):
+            options["masked"] = {"bits": pack_bits(kept)}
     options["bitmask"] = {"bits": pack_bits(flat != 0), "values": values}
     gaps = torch.diff(nonzero, prepend=nonzero.new_zeros(1)) if len(nonzero) else nonzero
     gap_dtype = _gap_dtype(int(gaps.max()) if len(gaps) else 0)
@@ -73,12 +80,16 @@ def encode(weight: Tensor) -> tuple[str, dict[str, Tensor]]:
     return best, options[best]
 
 
-def decode(encoding: str, parts: dict[str, Tensor], shape: list[int]) -> Tensor:
+def decode(encoding: str, parts: dict[str, Tensor], shape: list[int], base: Tensor | None = None) -> Tensor:
     count = 1
     for dim in shape:
         count *= dim
     if encoding == "dense":
         flat = parts["values"]
+    elif encoding == "masked":
+        if base is None or base.numel() != count:
+            raise CheckpointError("masked tensor needs its base checkpoint's tensor of the same shape")
+        flat = base.flatten().float() * unpack_bits(parts["bits"], count)
     else:
         flat = torch.zeros(count, dtype=torch.float32)
         if encoding == "bitmask":
@@ -117,16 +128,27 @@ def save_dense(model: GatedNet, path: str | Path) -> tuple[int, str]:
     return _write(Path(path), tensors, meta)
 
 
-def save_pruned(model: GatedNet, path: str | Path) -> tuple[int, str]:
-    """Folded, compactly encoded inference model. ``model`` may be gated+masked or already folded."""
-    gated = {f"{name}.weight": layer.effective_weight().detach().cpu() for name, layer in model.gated_layers()}
+def folded_weights(model: GatedNet) -> dict[str, Tensor]:
+    """Effective (gate- and mask-folded) weight of every prunable layer, by state-dict key."""
+    return {f"{name}.weight": layer.effective_weight().detach().cpu() for name, layer in model.gated_layers()}
+
+
+def save_pruned(model: GatedNet, path: str | Path, base: tuple[str, str, dict[str, Tensor]] | None = None
+                ) -> tuple[int, str]:
+    """Folded, compactly encoded inference model. ``model`` may be gated+masked or already folded.
+
+    ``base`` = (path of the dense gated checkpoint relative to ``path``'s folder, its sha256, its folded
+    weights) lets tensors that are the base times a mask be stored as the mask alone.
+    """
+    gated = folded_weights(model)
+    base_weights = base[2] if base is not None else {}
     tensors: dict[str, Tensor] = {}
     encodings: dict[str, dict] = {}
     for key, value in model.state_dict().items():
         if key.endswith(".score") or key.endswith(".mask"):
             continue
         if key in gated:
-            encoding, parts = encode(gated[key])
+            encoding, parts = encode(gated[key], base_weights.get(key))
             encodings[key] = {"encoding": encoding, "shape": list(gated[key].shape)}
             for part, tensor in parts.items():
                 tensors[f"{key}::{part}"] = tensor
@@ -134,6 +156,8 @@ def save_pruned(model: GatedNet, path: str | Path) -> tuple[int, str]:
             tensors[key] = value.detach().cpu()
     meta = {"format": "pruned", "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
             "encodings": encodings}
+    if any(info["encoding"] == "masked" for info in encodings.values()):
+        meta["base"] = {"file": base[0], "sha256": base[1]}
     return _write(Path(path), tensors, meta)
 
 
@@ -165,10 +189,17 @@ def _parse(data: bytes, path: Path) -> tuple[dict[str, Tensor], dict]:
     return tensors, metadata
 
 
-def load_model(path: str | Path, expected_sha256: str | None = None) -> GatedNet:
-    """Rebuild a model from a dense or pruned checkpoint (pruned → folded inference model)."""
+def load_model(path: str | Path, expected_sha256: str | None = None, root: str | Path | None = None,
+               base_cache: dict[str, dict[str, Tensor]] | None = None) -> GatedNet:
+    """Rebuild a model from a dense or pruned checkpoint (pruned → folded inference model).
+
+    A pruned checkpoint that refers to a base checkpoint loads it too (sha256-verified; it must lie
+    inside ``root``, default: the checkpoint's own folder's parent). ``base_cache`` (sha256 → folded
+    weights) lets many variants share one read of the base.
+    """
     path = Path(path)
     tensors, meta = _parse(read_verified(path, expected_sha256), path)
+    base_weights = _base_weights(path, meta, Path(root) if root is not None else path.parent.parent, base_cache)
     try:
         model = GatedNet(NetConfig.from_dict(meta["config"]))
         if meta.get("format") == "gated-dense":
@@ -178,7 +209,7 @@ def load_model(path: str | Path, expected_sha256: str | None = None) -> GatedNet
             state = {k: v for k, v in tensors.items() if "::" not in k}
             for key, info in encodings.items():
                 parts = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(key + "::")}
-                state[key] = decode(info["encoding"], parts, info["shape"])
+                state[key] = decode(info["encoding"], parts, info["shape"], base_weights.get(key))
             model.fold()
             for _, layer in model.gated_layers():
                 layer.weight.requires_grad_(False)
@@ -190,3 +221,26 @@ def load_model(path: str | Path, expected_sha256: str | None = None) -> GatedNet
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{path}: checkpoint does not match the network definition ({exc})") from exc
     return model.eval()
+
+
+def _base_weights(path: Path, meta: dict, root: Path, cache: dict | None) -> dict[str, Tensor]:
+    ref = meta.get("base")
+    if not ref:
+        return {}
+    try:
+        base_path = (path.parent / ref["file"]).resolve()
+        sha = ref["sha256"]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: malformed base reference") from exc
+    if not base_path.is_relative_to(root.resolve()):
+        raise CheckpointError(f"{path}: base checkpoint {ref['file']!r} lies outside {root}")
+    if cache is not None and sha in cache:
+        return cache[sha]
+    try:
+        base = load_model(base_path, sha)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: its base checkpoint is unusable: {exc}") from exc
+    weights = folded_weights(base)
+    if cache is not None:
+        cache[sha] = weights
+    return weights

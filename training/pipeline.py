@@ -60,13 +60,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=0, help="use only this many training images (smoke runs)")
     p.add_argument("--keeps", type=float, nargs="+", default=list(DEFAULT_KEEPS))
     p.add_argument("--criteria", nargs="+", choices=CRITERIA, default=list(CRITERIA))
-    p.add_argument("--ship-criterion", choices=CRITERIA, default="gate_magnitude", help="criterion of exported variants")
+    p.add_argument("--ship-criterion", choices=CRITERIA, default="gate_magnitude",
+                   help="criterion of the exported variants")
     p.add_argument("--scope", choices=SCOPES, default="global")
     p.add_argument("--floor", type=float, default=0.002, help="per-layer minimum fraction of weights kept")
     p.add_argument("--calib-images", type=int, default=2000, help="training images for BN recalibration")
     p.add_argument("--finetune-steps", type=int, default=40, help="masked fine-tune steps per variant (0: off)")
     p.add_argument("--finetune-criteria", nargs="*", choices=CRITERIA, default=["gate_magnitude", "magnitude"])
     p.add_argument("--finetune-max-keep", type=float, default=0.5, help="fine-tune variants with keep <= this")
+    p.add_argument("--ship-finetune-min-gain", type=float, default=0.2,
+                   help="ship a fine-tuned variant only if it gains this many validation points")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     for keep in args.keeps:
@@ -90,6 +93,10 @@ def _variant_name(criterion: str, keep: float) -> str:
     return "dense" if keep == 1.0 else f"{criterion}-keep{keep:.2f}"
 
 
+def _variant_file(criterion: str, keep: float, finetuned: bool) -> str:
+    return f"{_variant_name(criterion, keep)}{'-ft' if finetuned else ''}.safetensors"
+
+
 def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig, net_cfg: NetConfig) -> dict:
     """Train one seed and sweep every criterion × keep; cached in work_dir/seed-N/results.json."""
     seed_dir = Path(args.work_dir) / f"seed-{seed}"
@@ -105,7 +112,9 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
                     progress=lambda epoch, entry: (bar.update(1), bar.set_postfix(loss=f"{entry['loss']:.3f}")))
     bar.n = cfg.epochs
     bar.close()
-    checkpoint.save_dense(model, seed_dir / "dense.safetensors")
+    _, dense_sha = checkpoint.save_dense(model, seed_dir / "dense.safetensors")
+    # Variants that are not fine-tuned are stored as masks over this checkpoint (see checkpoint.py).
+    base = ("../dense.safetensors", dense_sha, checkpoint.folded_weights(model))
     dense_state = copy.deepcopy(model.state_dict())
     # A seeded random sample: the training split is stored class by class, and BN statistics of
     # one class would mis-normalise the other nine.
@@ -134,10 +143,10 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
                    "val_acc": accuracy(model, splits["val_x"], splits["val_y"], bf16=cfg.bf16),
                    "test_acc": accuracy(model, splits["test_x"], splits["test_y"], bf16=cfg.bf16), **counts}
             rows.append(row)
-            # The release seed's shipped variants (best stage of each keep) are written as they come.
-            if release and (criterion == args.ship_criterion or keep == 1.0) and finetuned == stages[-1]:
-                checkpoint.save_pruned(model, seed_dir / "variants" / f"{_variant_name(args.ship_criterion, keep)}"
-                                                                      ".safetensors")
+            if release and (criterion == args.ship_criterion or keep == 1.0):
+                # The release seed's candidates for shipping, written as they come; export picks.
+                checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(args.ship_criterion, keep,
+                                                                                    finetuned), base)
         model.set_masks(None)
     result = {"seed": seed, "history": history, "rows": rows}
     seed_dir.mkdir(parents=True, exist_ok=True)
@@ -177,6 +186,18 @@ def _git_commit() -> str | None:
         return None
 
 
+def _ship_finetuned(stats: dict[bool, dict], min_gain: float) -> bool:
+    """Ship the fine-tuned variant only if it beats the plain one on VALIDATION by min_gain points:
+    a smaller gain is within seed noise, and the plain variant is stored as a mask over the dense
+    checkpoint (≈N/8 bytes) while a fine-tuned one must store every surviving value."""
+    if True not in stats:
+        return False
+    val_ft, val_plain = stats[True]["val_acc_mean"], stats[False]["val_acc_mean"]
+    if val_ft is None or val_plain is None:  # no validation split: fall back to always fine-tuned
+        return True
+    return val_ft - val_plain >= min_gain
+
+
 def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean: list[float],
            std: list[float], cfg: TrainConfig, net_cfg: NetConfig, seconds: float) -> dict:
     out = Path(args.out)
@@ -186,20 +207,21 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
     (out / "dense.safetensors").write_bytes(dense_data)
     variants = []
     for keep in args.keeps:
-        name = _variant_name(args.ship_criterion, keep)
-        source = release_dir / "variants" / f"{name}.safetensors"
+        shipped = (args.ship_criterion, "dense")
+        stats = {r["finetuned"]: r for r in table if r["keep"] == keep and r["criterion"] in shipped}
+        finetuned = _ship_finetuned(stats, args.ship_finetune_min_gain)
+        best = stats[finetuned]
+        source = release_dir / "variants" / _variant_file(args.ship_criterion, keep, finetuned)
         data = source.read_bytes()
-        target = out / "variants" / source.name
-        target.write_bytes(data)
-        stats = [r for r in table if r["keep"] == keep and r["criterion"] in (args.ship_criterion, "dense")]
-        best = max(stats, key=lambda r: r["finetuned"])  # fine-tuned when there is one: that is what ships
+        (out / "variants" / source.name).write_bytes(data)
         variants.append({
-            "name": name, "criterion": args.ship_criterion if keep < 1.0 else "dense",
+            "name": _variant_name(args.ship_criterion, keep), "criterion": best["criterion"],
             "keep": keep, "sparsity": round(1 - keep, 4), "granularity": "weight",
             "file": f"variants/{source.name}", "bytes": len(data), "sha256": checkpoint.sha256_bytes(data),
             "params": {"total": best["total"], "prunable": best["prunable"], "nonzero": best["nonzero"]},
-            "finetuned": best["finetuned"], "test_acc_per_seed": best["test_acc_per_seed"],
+            "finetuned": finetuned, "test_acc_per_seed": best["test_acc_per_seed"],
             "test_acc_mean": best["test_acc_mean"], "test_acc_std": best["test_acc_std"], "drop": best["drop"],
+            "val_acc_mean": best["val_acc_mean"],
         })
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -211,12 +233,14 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
                      "val_size": args.val_size, "train_limit": args.train_limit, "scope": args.scope,
                      "floor": args.floor, "calib_images": args.calib_images, "finetune_steps": args.finetune_steps,
                      "finetune_criteria": args.finetune_criteria, "finetune_max_keep": args.finetune_max_keep,
-                     "ship_criterion": args.ship_criterion, "pipeline_seconds": round(seconds, 1)},
+                     "ship_criterion": args.ship_criterion, "ship_finetune_min_gain": args.ship_finetune_min_gain,
+                     "pipeline_seconds": round(seconds, 1)},
         "eval_precision": "bf16" if cfg.bf16 else "fp32",
         "dataset": dataset_info,
         "torch_version": torch.__version__,
         "git_commit": _git_commit(),
-        "dense": {"file": "dense.safetensors", "bytes": len(dense_data), "sha256": checkpoint.sha256_bytes(dense_data),
+        "dense": {"file": "dense.safetensors", "bytes": len(dense_data),
+                  "sha256": checkpoint.sha256_bytes(dense_data),
                   "note": "gated training checkpoint (weights + scores) of the release seed"},
         "variants": variants,
         "sweep": table,
