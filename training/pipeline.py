@@ -108,9 +108,12 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     torch.manual_seed(seed)
     model = GatedNet(net_cfg)
     bar = tqdm(total=cfg.epochs, desc=f"seed {seed} train", unit="epoch", file=sys.stdout)
-    history = train(model, splits["train_x"], splits["train_y"], cfg, seed, seed_dir / "train",
-                    progress=lambda epoch, entry: (bar.update(1), bar.set_postfix(loss=f"{entry['loss']:.3f}")))
-    bar.n = cfg.epochs
+
+    def progress(epoch: int, entry: dict) -> None:
+        bar.update(epoch - bar.n)  # resumed runs jump straight to their epoch
+        bar.set_postfix(loss=f"{entry['loss']:.3f}")
+
+    history = train(model, splits["train_x"], splits["train_y"], cfg, seed, seed_dir / "train", progress=progress)
     bar.close()
     _, dense_sha = checkpoint.save_dense(model, seed_dir / "dense.safetensors")
     # Variants that are not fine-tuned are stored as masks over this checkpoint (see checkpoint.py).
