@@ -167,3 +167,16 @@ def test_same_seed_same_numbers(image_folder: Path, tmp_path: Path) -> None:
 
 def test_io_helper_reads_jpeg_bytes() -> None:
     assert Image.open(io.BytesIO(jpeg_bytes((1, 2, 3)))).size == (32, 32)
+
+
+def test_summary_quotes_the_manifest(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "models"
+    args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(tmp_path / "runs"), "--seeds", "1",
+            "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8", "--val-size", "3",
+            "--keeps", "0.3", "0.1", "0.05", "--finetune-steps", "1", "--calib-images", "8", "--no-bf16"]
+    assert prune_train(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    summary = (out / "summary.md").read_text()
+    for variant in manifest["variants"]:
+        assert f"| {variant['name']} |" in summary and f"{variant['bytes']:,}" in summary
+    assert summary.count("goal ≤") == 3

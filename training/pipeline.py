@@ -251,6 +251,7 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     report.write_tables(table, out)
     report.plot_tradeoff(table, out / "tradeoff.png")
+    report.write_summary(manifest, out)
     return manifest
 
 

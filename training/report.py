@@ -69,3 +69,44 @@ def plot_tradeoff(table: list[dict], path: Path | BinaryIO, latency_ms: dict[flo
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _cell(row: dict | None) -> str:
+    return f"{row['test_acc_mean']:.2f} ± {row['test_acc_std']:.2f}" if row else "–"
+
+
+def write_summary(manifest: dict, out: Path) -> str:
+    """summary.md: the shipped variants, the criteria side by side, and the issue's goals, all from
+    the manifest (so the README quotes numbers that a command produced)."""
+    table = manifest["sweep"]
+    by = {(r["criterion"], r["keep"], r["finetuned"]): r for r in table}
+    dense = by[("dense", 1.0, False)]
+    lines = ["### Shipped variants (release seed's checkpoints; test accuracy = mean ± std over seeds)", "",
+             "| variant | keep | sparsity | nonzero / total params | checkpoint bytes | fine-tuned | test acc % "
+             "| drop |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in manifest["variants"]:
+        lines.append(f"| {v['name']} | {v['keep']:g} | {v['sparsity'] * 100:.0f}% | "
+                     f"{v['params']['nonzero']:,} / {v['params']['total']:,} | {v['bytes']:,} | "
+                     f"{'yes' if v['finetuned'] else 'no'} | {v['test_acc_mean']:.2f} ± {v['test_acc_std']:.2f} | "
+                     f"{v['drop']:+.2f} |")
+    criteria = [c for c in ("gate", "gate_magnitude", "magnitude", "random") if any(k[0] == c for k in by)]
+    tuned = [c for c in criteria if any(k[0] == c and k[2] for k in by)]
+    lines += ["", "### Criteria on the same trained models (test acc %, mean ± std over seeds)", "",
+              "| keep | " + " | ".join(criteria) + " | " + " | ".join(f"{c} + fine-tune" for c in tuned) + " |",
+              "|---" * (1 + len(criteria) + len(tuned)) + "|"]
+    for keep in sorted({r["keep"] for r in table if r["keep"] < 1.0}, reverse=True):
+        cells = [_cell(by.get((c, keep, False))) for c in criteria] + [_cell(by.get((c, keep, True))) for c in tuned]
+        lines.append(f"| {keep:g} | " + " | ".join(cells) + " |")
+    lines += ["", f"Dense: {_cell(dense)} % over {len(dense['test_acc_per_seed'])} seeds "
+                  f"({', '.join(f'{a:.2f}' for a in dense['test_acc_per_seed'])}).", ""]
+    for keep, goal in ((0.3, 0.3), (0.1, 1.0), (0.05, 2.5)):
+        candidates = [r for r in table if r["keep"] == keep and r["criterion"] != "random"]
+        if candidates:
+            best = min(candidates, key=lambda r: r["drop"])
+            verdict = "met" if best["drop"] <= goal else f"missed by {best['drop'] - goal:.2f}"
+            lines.append(f"- keep {keep:g}: best drop {best['drop']:.2f} points ({best['criterion']}"
+                         f"{' + fine-tune' if best['finetuned'] else ''}); goal ≤ {goal} → {verdict}")
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
