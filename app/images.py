@@ -11,7 +11,6 @@ import io
 import warnings
 from dataclasses import dataclass
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
@@ -58,6 +57,3 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Tensor:
         finally:
             image.close()
 
-
-def stack(images: list[Tensor]) -> Tensor:
-    return torch.stack(images)

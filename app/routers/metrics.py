@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.service import Service, get_service
@@ -33,8 +33,6 @@ def _json_view(service: Service) -> dict:
 async def metrics(format: Literal["prometheus", "json"] = Query("prometheus"),
                   service: Service = Depends(get_service)) -> Response:
     if format == "json":
-        from fastapi.responses import JSONResponse
-
         return JSONResponse(_json_view(service))
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

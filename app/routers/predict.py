@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import time
 
+import torch
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.batching import QueueFull
-from app.images import ImageError, decode_image, stack
+from app.images import ImageError, decode_image
 from app.registry import Variant
 from app.schemas import ErrorResponse, PredictResponse
 from app.service import Service, get_ready_service
@@ -127,7 +128,7 @@ async def predict(
             raise HTTPException(exc.status, detail=exc.message) from exc
         started = time.perf_counter()
         try:
-            probs = await service.predict(variant, stack(tensors))
+            probs = await service.predict(variant, torch.stack(tensors))
         except QueueFull as exc:
             raise HTTPException(503, detail=f"server busy: {exc}; retry shortly",
                                 headers={"Retry-After": "1"}) from exc
