@@ -40,6 +40,7 @@ class Variant:
     sha256: str
     params: dict[str, int]
     finetuned: bool
+    base: str | None
     test_acc_mean: float
     test_acc_std: float
     test_acc_per_seed: list[float]
@@ -51,8 +52,8 @@ class Variant:
         return {
             "name": self.name, "keep": self.keep, "sparsity": self.sparsity, "granularity": self.granularity,
             "criterion": self.criterion, "finetuned": self.finetuned, "params": self.params,
-            "checkpoint_bytes": self.bytes, "test_acc_mean": self.test_acc_mean, "test_acc_std": self.test_acc_std,
-            "test_acc_per_seed": self.test_acc_per_seed, "drop": self.drop,
+            "checkpoint_bytes": self.bytes, "base_checkpoint": self.base, "test_acc_mean": self.test_acc_mean,
+            "test_acc_std": self.test_acc_std, "test_acc_per_seed": self.test_acc_per_seed, "drop": self.drop,
             "latency": {f"batch_{b}": v for b, v in sorted(self.latency.items())},
         }
 
@@ -132,6 +133,7 @@ class Registry:
             granularity=entry.get("granularity", "weight"), criterion=entry.get("criterion", "gate"),
             file=entry["file"], bytes=int(entry.get("bytes", file.stat().st_size)), sha256=entry["sha256"],
             params={k: int(v) for k, v in entry["params"].items()}, finetuned=bool(entry.get("finetuned", False)),
+            base=entry.get("base"),
             test_acc_mean=float(entry["test_acc_mean"]), test_acc_std=float(entry["test_acc_std"]),
             test_acc_per_seed=[float(a) for a in entry.get("test_acc_per_seed", [])], drop=float(entry["drop"]),
             model=model,

@@ -56,6 +56,8 @@ class VariantRow(BaseModel):
     finetuned: bool
     params: dict[str, int] = Field(description="total / prunable / nonzero parameter counts")
     checkpoint_bytes: int
+    base_checkpoint: str | None = Field(None, description="checkpoint this variant is stored as a mask over "
+                                                          "(needed to load it), if any")
     test_acc_mean: float = Field(description="CIFAR-10 test accuracy (%), mean over training seeds")
     test_acc_std: float
     test_acc_per_seed: list[float]

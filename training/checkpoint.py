@@ -189,6 +189,12 @@ def _parse(data: bytes, path: Path) -> tuple[dict[str, Tensor], dict]:
     return tensors, metadata
 
 
+def base_reference(data: bytes, path: str | Path = "<bytes>") -> str | None:
+    """The base checkpoint a pruned checkpoint's masked tensors refer to (path relative to it), or None."""
+    ref = _parse(data, Path(path))[1].get("base")
+    return ref["file"] if ref else None
+
+
 def load_model(path: str | Path, expected_sha256: str | None = None, root: str | Path | None = None,
                base_cache: dict[str, dict[str, Tensor]] | None = None) -> GatedNet:
     """Rebuild a model from a dense or pruned checkpoint (pruned → folded inference model).

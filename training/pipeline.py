@@ -225,6 +225,8 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
             "finetuned": finetuned, "test_acc_per_seed": best["test_acc_per_seed"],
             "test_acc_mean": best["test_acc_mean"], "test_acc_std": best["test_acc_std"], "drop": best["drop"],
             "val_acc_mean": best["val_acc_mean"],
+            # Masked variants need this file too (it is verified by its sha256 when they load).
+            "base": "dense.safetensors" if checkpoint.base_reference(data, source) else None,
         })
     manifest = {
         "schema_version": SCHEMA_VERSION,

@@ -34,38 +34,44 @@ def write_tables(table: list[dict], out: Path) -> None:
 def plot_tradeoff(table: list[dict], path: Path | BinaryIO, latency_ms: dict[float, float] | None = None) -> None:
     """Accuracy vs sparsity, one line per criterion (solid: pruned only, dashed: + fine-tune).
 
-    ``latency_ms`` (keep → ms), when given, adds a second axis with measured latency.
+    Left: the whole range (baselines collapse); right: zoom on the top few points, where the useful
+    variants differ. ``latency_ms`` (keep → ms), when given, adds measured latency on the right panel.
     """
     dense = next(r for r in table if r["criterion"] == "dense")
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 5), dpi=110)
     criteria = sorted({r["criterion"] for r in table} - {"dense"})
     colors = dict(zip(criteria, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for criterion in criteria:
-        for finetuned in (False, True):
-            rows = sorted((r for r in table if r["criterion"] == criterion and r["finetuned"] == finetuned),
-                          key=lambda r: r["sparsity"])
-            if not rows:
-                continue
-            xs = [r["sparsity"] * 100 for r in rows]
-            ax.errorbar(xs, [r["test_acc_mean"] for r in rows], yerr=[r["test_acc_std"] for r in rows],
-                        color=colors[criterion], linestyle="--" if finetuned else "-", marker="o", markersize=3,
-                        capsize=2, label=f"{criterion}{' + fine-tune' if finetuned else ''}")
-    ax.axhline(dense["test_acc_mean"], color="black", linewidth=0.8, linestyle=":",
-               label=f"dense {dense['test_acc_mean']:.2f}%")
-    ax.set_xlabel("sparsity (% of prunable weights removed)")
-    ax.set_ylabel("CIFAR-10 test accuracy (%), mean ± std over seeds")
-    low = min(r["test_acc_mean"] for r in table if r["criterion"] != "random")
-    ax.set_ylim(max(0, low - 5), min(100, dense["test_acc_mean"] + 2))
-    ax.grid(alpha=0.3)
+    markers = dict(zip(criteria, "osD^v<>"))
+    for ax in (full, zoom):
+        for criterion in criteria:
+            for finetuned in (False, True):
+                rows = sorted((r for r in table if r["criterion"] == criterion and r["finetuned"] == finetuned),
+                              key=lambda r: r["sparsity"])
+                if not rows:
+                    continue
+                ax.errorbar([r["sparsity"] * 100 for r in rows], [r["test_acc_mean"] for r in rows],
+                            yerr=[r["test_acc_std"] for r in rows], color=colors[criterion],
+                            linestyle="--" if finetuned else "-", marker=markers[criterion], markersize=4,
+                            markerfacecolor="none" if finetuned else colors[criterion], capsize=2,
+                            label=f"{criterion}{' + fine-tune' if finetuned else ''}")
+        ax.axhline(dense["test_acc_mean"], color="black", linewidth=0.8, linestyle=":",
+                   label=f"dense {dense['test_acc_mean']:.2f}%")
+        ax.set_xlabel("sparsity (% of prunable weights removed)")
+        ax.grid(alpha=0.3)
+    full.set_ylabel("CIFAR-10 test accuracy (%), mean ± std over seeds")
+    full.set_title("all criteria")
+    full.legend(loc="lower left", fontsize=7)
+    zoom.set_ylim(dense["test_acc_mean"] - 6, dense["test_acc_mean"] + 1)
+    zoom.set_title("zoom: within 6 points of dense")
     if latency_ms:
-        twin = ax.twinx()
+        twin = zoom.twinx()
         keeps = sorted(latency_ms, reverse=True)
         twin.plot([(1 - k) * 100 for k in keeps], [latency_ms[k] for k in keeps], color="grey", marker="s",
-                  markersize=3, linewidth=1, label="latency, batch 1 (ms)")
-        twin.set_ylabel("measured latency at batch 1 (ms)")
-        twin.legend(loc="lower right", fontsize=8)
-    ax.legend(loc="lower left", fontsize=8)
-    ax.set_title("Gated CNN on CIFAR-10: accuracy vs sparsity (top-K pruning)")
+                  markersize=3, linewidth=1, label="latency, batch 1 (ms, measured here)")
+        twin.set_ylabel("latency at batch 1 (ms)")
+        twin.set_ylim(bottom=0)
+        twin.legend(loc="lower right", fontsize=7)
+    fig.suptitle("Gated CNN on CIFAR-10: accuracy vs sparsity (global top-K pruning)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -87,7 +93,8 @@ def write_summary(manifest: dict, out: Path) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for v in manifest["variants"]:
         lines.append(f"| {v['name']} | {v['keep']:g} | {v['sparsity'] * 100:.0f}% | "
-                     f"{v['params']['nonzero']:,} / {v['params']['total']:,} | {v['bytes']:,} | "
+                     f"{v['params']['nonzero']:,} / {v['params']['total']:,} | {v['bytes']:,}"
+                     f"{' (mask over dense.safetensors)' if v.get('base') else ''} | "
                      f"{'yes' if v['finetuned'] else 'no'} | {v['test_acc_mean']:.2f} ± {v['test_acc_std']:.2f} | "
                      f"{v['drop']:+.2f} |")
     criteria = [c for c in ("gate", "gate_magnitude", "magnitude", "random") if any(k[0] == c for k in by)]
