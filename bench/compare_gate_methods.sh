@@ -12,10 +12,10 @@ run() {
     --finetune-steps 0 --gate-rank score "$@"
 }
 run none --gate-method none
-run penalty --gate-method penalty
+run penalty --gate-method penalty --gate-lr 0.01
 run st_eff_p5_lr003 --gate-method st_topk --gate-rank effective --gate-dense-prob 0.5 --gate-lr 0.003  # shipped
-run st_p5 --gate-method st_topk --gate-dense-prob 0.5
-run st_p5_uniform --gate-method st_topk --gate-dense-prob 0.5 --gate-keep-dist uniform
+run st_p5 --gate-method st_topk --gate-dense-prob 0.5 --gate-lr 0.01
+run st_p5_uniform --gate-method st_topk --gate-dense-prob 0.5 --gate-lr 0.01 --gate-keep-dist uniform
 run st_p5_lr003 --gate-method st_topk --gate-dense-prob 0.5 --gate-lr 0.003
 run st_p5_lr001 --gate-method st_topk --gate-dense-prob 0.5 --gate-lr 0.001
 run st_p7_lr003 --gate-method st_topk --gate-dense-prob 0.7 --gate-lr 0.003
