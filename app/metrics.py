@@ -8,7 +8,7 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from app.registry import Registry, _percentile
+from app.registry import Registry, percentile
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -67,5 +67,5 @@ class Metrics:
             values = list(self._window.get(variant, ()))
         if not values:
             return {"requests": 0, "p50_ms": None, "p95_ms": None}
-        return {"requests": len(values), "p50_ms": _percentile(values, 50) * 1e3,
-                "p95_ms": _percentile(values, 95) * 1e3}
+        return {"requests": len(values), "p50_ms": percentile(values, 50) * 1e3,
+                "p95_ms": percentile(values, 95) * 1e3}

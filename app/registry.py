@@ -151,7 +151,7 @@ class Registry:
                     self.forward(variant, x)
                     times.append(time.perf_counter() - began)
                 p50 = statistics.median(times)
-                variant.latency[batch] = {"p50_ms": p50 * 1e3, "p95_ms": _percentile(times, 95) * 1e3,
+                variant.latency[batch] = {"p50_ms": p50 * 1e3, "p95_ms": percentile(times, 95) * 1e3,
                                           "images_per_s": batch / p50}
 
     # -- inference -------------------------------------------------------------------------
@@ -178,7 +178,7 @@ class Registry:
         return min(eligible, key=lambda v: v.keep) if eligible else None
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
         return float("nan")
