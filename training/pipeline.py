@@ -126,6 +126,7 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     release = seed == args.release_seed
 
     rows: list[dict] = []
+    sweep_began = time.perf_counter()
     jobs = [(c, k) for c in args.criteria for k in args.keeps if not (k == 1.0 and c != args.criteria[0])]
     for criterion, keep in tqdm(jobs, desc=f"seed {seed} sweep", unit="variant", file=sys.stdout):
         model.load_state_dict(dense_state)
@@ -151,7 +152,7 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
                 checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(args.ship_criterion, keep,
                                                                                     finetuned), base)
         model.set_masks(None)
-    result = {"seed": seed, "history": history, "rows": rows}
+    result = {"seed": seed, "history": history, "rows": rows, "sweep_seconds": time.perf_counter() - sweep_began}
     seed_dir.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(result, indent=1))
     return result
@@ -202,7 +203,7 @@ def _ship_finetuned(stats: dict[bool, dict], min_gain: float) -> bool:
 
 
 def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean: list[float],
-           std: list[float], cfg: TrainConfig, net_cfg: NetConfig, seconds: float) -> dict:
+           std: list[float], cfg: TrainConfig, net_cfg: NetConfig, results: list[dict]) -> dict:
     out = Path(args.out)
     (out / "variants").mkdir(parents=True, exist_ok=True)
     release_dir = Path(args.work_dir) / f"seed-{args.release_seed}"
@@ -238,8 +239,12 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
                      "val_size": args.val_size, "train_limit": args.train_limit, "scope": args.scope,
                      "floor": args.floor, "calib_images": args.calib_images, "finetune_steps": args.finetune_steps,
                      "finetune_criteria": args.finetune_criteria, "finetune_max_keep": args.finetune_max_keep,
-                     "ship_criterion": args.ship_criterion, "ship_finetune_min_gain": args.ship_finetune_min_gain,
-                     "pipeline_seconds": round(seconds, 1)},
+                     "ship_criterion": args.ship_criterion, "ship_finetune_min_gain": args.ship_finetune_min_gain},
+        "timing": {  # measured when each seed ran (sweep time was not recorded by older runs: null)
+            "train_seconds_per_seed": [round(sum(h["seconds"] for h in r["history"]), 1) for r in results],
+            "sweep_seconds_per_seed": [round(r["sweep_seconds"], 1) if "sweep_seconds" in r else None
+                                       for r in results],
+        },
         "eval_precision": "bf16" if cfg.bf16 else "fp32",
         "dataset": dataset_info,
         "torch_version": torch.__version__,
@@ -261,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    began = time.perf_counter()
     try:
         data = load_dataset(args.data, args.cache_dir)
     except DataError as exc:
@@ -283,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.batch_size = max(1, len(splits["train_y"]))  # tiny data sets (smoke tests)
     results = [run_seed(args, seed, splits, cfg, net_cfg) for seed in range(args.seeds)]
     table = aggregate(results)
-    manifest = export(args, table, data.describe(), mean, std, cfg, net_cfg, time.perf_counter() - began)
+    manifest = export(args, table, data.describe(), mean, std, cfg, net_cfg, results)
     dense = manifest["variants"][0]
     print(f"exported {len(manifest['variants'])} variants to {args.out}: dense test accuracy "
           f"{dense['test_acc_mean']:.2f} ± {dense['test_acc_std']:.2f} % over {args.seeds} seed(s)")

@@ -111,7 +111,8 @@ def write_summary(manifest: dict, out: Path) -> str:
         candidates = [r for r in table if r["keep"] == keep and r["criterion"] != "random"]
         if candidates:
             best = min(candidates, key=lambda r: r["drop"])
-            verdict = "met" if best["drop"] <= goal else f"missed by {best['drop'] - goal:.2f}"
+            drop = round(best["drop"], 2)  # judged at the precision it is reported
+            verdict = "met" if drop <= goal else f"missed by {drop - goal:.2f}"
             lines.append(f"- keep {keep:g}: best drop {best['drop']:.2f} points ({best['criterion']}"
                          f"{' + fine-tune' if best['finetuned'] else ''}); goal ≤ {goal} → {verdict}")
     text = "\n".join(lines) + "\n"
