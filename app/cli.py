@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     # Settings are read from the environment inside every worker: pass the flags on that way.
     os.environ.update({"MODELS_DIR": args.models_dir, "HOST": args.host, "PORT": str(args.port)})
     uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                timeout_graceful_shutdown=30, log_level="info")
+                timeout_graceful_shutdown=30, log_level="info", access_log=env.access_log)
     return 0
 
 

@@ -28,6 +28,15 @@ class ImageError(Exception):
         return self.message
 
 
+def header_pixels(data: bytes) -> int:
+    """width × height from the header alone (0 when unreadable: decode_image then says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size[0] * image.size[1]
+    except Exception:  # noqa: BLE001 - any unreadable header is reported by decode_image
+        return 0
+
+
 def decode_image(data: bytes, name: str, max_pixels: int) -> Tensor:
     """Bytes of one uploaded image → uint8 [3, 32, 32]; ImageError naming the file otherwise."""
     if not data:

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads for inference (0: torch default)")
     default_keep: float | None = Field(None, description="keep ratio used when a request names none (None: dense)")
     precision: str = Field("fp32", description="inference precision: fp32, or bf16 on CPUs with AMX/AVX512-BF16")
+    access_log: bool = Field(False, description="log every request (costs throughput under load)")
     latency_probe_runs: int = Field(20, ge=3, description="timed passes per batch size at start-up")
 
     @field_validator("default_keep")
