@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(1024, ge=1, description="images waiting per variant before 503")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for inference (0: torch default)")
     default_keep: float | None = Field(None, description="keep ratio used when a request names none (None: dense)")
-    precision: str = Field("fp32", description="inference precision: fp32, or bf16 on CPUs with AMX/AVX512-BF16")
+    precision: str = Field("auto", description="inference precision: fp32, bf16, or auto (bf16 where the CPU "
+                                               "has native bfloat16 units, AMX or AVX512-BF16; else fp32)")
     access_log: bool = Field(False, description="log every request (costs throughput under load)")
     latency_probe_runs: int = Field(20, ge=3, description="timed passes per batch size at start-up")
 
@@ -38,9 +39,23 @@ class Settings(BaseSettings):
     @field_validator("precision")
     @classmethod
     def _precision(cls, value: str) -> str:
-        if value not in ("fp32", "bf16"):
-            raise ValueError("PRECISION must be fp32 or bf16")
+        if value not in ("auto", "fp32", "bf16"):
+            raise ValueError("PRECISION must be auto, fp32 or bf16")
         return value
+
+    def inference_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if native_bf16() else "fp32"
+
+
+def native_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AMX or AVX512-BF16); emulated bf16 is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 @lru_cache

@@ -48,6 +48,7 @@ def load_test_jpegs(path: Path, classes: list[str]) -> list[tuple[bytes, int]]:
 
 
 def start_server(models_dir: str, port: int, max_batch: int) -> subprocess.Popen:
+    """A prune-serve process; PRECISION, TORCH_THREADS etc. come from this process's environment."""
     env = {**os.environ, "MODELS_DIR": models_dir, "MAX_BATCH": str(max_batch), "PORT": str(port),
            "HOST": "127.0.0.1", "LATENCY_PROBE_RUNS": "5"}
     return subprocess.Popen([sys.executable, "-m", "app.cli"], env=env, stdout=subprocess.DEVNULL,

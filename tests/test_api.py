@@ -23,6 +23,7 @@ from training.data import normalize, preprocess
 
 
 def make_client(models_dir: Path, **overrides) -> TestClient:
+    overrides.setdefault("precision", "fp32")  # compared with the float32 model below
     settings = Settings(models_dir=models_dir, latency_probe_runs=3, **overrides)
     return TestClient(create_app(settings))
 
@@ -295,11 +296,13 @@ def test_not_ready_names_the_problem(models_dir: Path, fault: str) -> None:
         assert state["ready"] is False and expected in state["error"]
 
 
-def test_micro_batched_results_equal_predicting_alone(models_dir: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_micro_batched_results_equal_predicting_alone(models_dir: Path, precision: str) -> None:
     images = [jpeg_bytes((i * 20 % 255, 255 - i * 9, i * 5)) for i in range(12)]
 
     async def run(max_batch: int) -> list[list[float]]:
-        settings = Settings(models_dir=models_dir, latency_probe_runs=3, max_batch=max_batch, max_wait_ms=50)
+        settings = Settings(models_dir=models_dir, latency_probe_runs=3, max_batch=max_batch, max_wait_ms=50,
+                            precision=precision)
         app = create_app(settings)
         async with app.router.lifespan_context(app):
             await app.state.service.wait_loaded()
@@ -341,6 +344,19 @@ def test_metrics_prometheus_and_json(client: TestClient) -> None:
     row = next(v for v in view["variants"] if v["name"] == "gate-keep0.50")
     assert row["live_latency"]["requests"] == 1 and row["live_latency"]["p50_ms"] > 0
     assert row["test_acc_mean"] == 88.5 and row["params"]["total"] > 0
+
+
+def test_precision_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import settings as settings_module
+
+    assert Settings(precision="fp32").inference_precision() == "fp32"
+    assert Settings(precision="bf16").inference_precision() == "bf16"
+    monkeypatch.setattr(settings_module, "native_bf16", lambda: False)
+    assert Settings().inference_precision() == "fp32"
+    monkeypatch.setattr(settings_module, "native_bf16", lambda: True)
+    assert Settings().inference_precision() == "bf16"
+    with pytest.raises(ValueError):
+        Settings(precision="fp8")
 
 
 def test_plot_is_a_png(client: TestClient) -> None:
