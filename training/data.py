@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -134,9 +135,8 @@ def _collect(samples: dict[str, list[tuple[str, bytes]]], split: str, origin: st
 
 def _split_of(parts: list[str]) -> tuple[str, str] | None:
     """('train'|'test', class) for .../train/<class>/<file>, else None."""
-    for i in range(len(parts) - 2):
-        if parts[i] in ("train", "test") and i == len(parts) - 3:
-            return parts[i], parts[i + 1]
+    if len(parts) >= 3 and parts[-3] in ("train", "test"):
+        return parts[-3], parts[-2]
     return None
 
 
@@ -275,8 +275,6 @@ def load_dataset(path: str | Path, cache_dir: str | Path | None = None) -> Datas
 
 
 def _read_meta(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
