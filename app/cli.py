@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prune-serve: models not servable: {registry.error}", file=sys.stderr)
             return 1
         for v in registry.variants:
-            print(f"{v.name:>16}  keep {v.keep:<5g} acc {v.test_acc_mean:6.2f}%  {v.bytes:>10,} B  "
+            print(f"{v.name:>24}  keep {v.keep:<5g} acc {v.test_acc_mean:6.2f}%  {v.bytes:>10,} B  "
                   f"batch-1 p50 {v.latency[1]['p50_ms']:.2f} ms")
         return 0
 
