@@ -28,17 +28,8 @@ class ImageError(Exception):
         return self.message
 
 
-def header_pixels(data: bytes) -> int:
-    """width × height from the header alone (0 when unreadable: decode_image then says why)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size[0] * image.size[1]
-    except Exception:  # noqa: BLE001 - any unreadable header is reported by decode_image
-        return 0
-
-
-def decode_image(data: bytes, name: str, max_pixels: int) -> Tensor:
-    """Bytes of one uploaded image → uint8 [3, 32, 32]; ImageError naming the file otherwise."""
+def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Read one upload's header and check it (cheap: no pixel is decoded); ImageError naming the file."""
     if not data:
         raise ImageError(422, f"file {name!r} is empty")
     with warnings.catch_warnings():
@@ -51,18 +42,22 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Tensor:
             raise ImageError(413, f"file {name!r} is too large to decode safely") from exc
         except Exception as exc:  # noqa: BLE001 - corrupt headers raise many different types
             raise ImageError(422, f"file {name!r} has a corrupt image header ({type(exc).__name__})") from exc
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageError(413, f"file {name!r} is {width}×{height} = {width * height:,} pixels; "
-                                  f"the limit is MAX_PIXELS={max_pixels:,}")
-        if width == 0 or height == 0:
-            raise ImageError(422, f"file {name!r} has no pixels")
-        try:
-            image.seek(0)  # first frame of animations
-            image.load()
-            return preprocess(image)
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(422, f"file {name!r} is truncated or corrupt ({exc})") from exc
-        finally:
-            image.close()
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(413, f"file {name!r} is {width}×{height} = {width * height:,} pixels; "
+                              f"the limit is MAX_PIXELS={max_pixels:,}")
+    if width == 0 or height == 0:
+        raise ImageError(422, f"file {name!r} has no pixels")
+    return image
 
+
+def decode_pixels(image: Image.Image, name: str) -> Tensor:
+    """Decode an opened image (first frame of animations) → uint8 [3, 32, 32]."""
+    try:
+        image.seek(0)
+        image.load()
+        return preprocess(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(422, f"file {name!r} is truncated or corrupt ({exc})") from exc
+    finally:
+        image.close()

@@ -151,7 +151,6 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
                 # The release seed's candidates for shipping, written as they come; export picks.
                 checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(args.ship_criterion, keep,
                                                                                     finetuned), base)
-        model.set_masks(None)
     result = {"seed": seed, "history": history, "rows": rows, "sweep_seconds": time.perf_counter() - sweep_began}
     seed_dir.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(result, indent=1))
@@ -210,8 +209,8 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
     dense_data = (release_dir / "dense.safetensors").read_bytes()
     (out / "dense.safetensors").write_bytes(dense_data)
     variants = []
+    shipped = (args.ship_criterion, "dense")
     for keep in args.keeps:
-        shipped = (args.ship_criterion, "dense")
         stats = {r["finetuned"]: r for r in table if r["keep"] == keep and r["criterion"] in shipped}
         finetuned = _ship_finetuned(stats, args.ship_finetune_min_gain)
         best = stats[finetuned]

@@ -12,7 +12,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.batching import QueueFull
-from app.images import ImageError, decode_image, header_pixels
+from app.images import ImageError, decode_pixels, open_image
 from app.registry import Variant
 from app.schemas import ErrorResponse, PredictResponse
 from app.service import Service, get_ready_service
@@ -122,15 +122,16 @@ async def predict(
         count = len(uploads)
         if count > service.settings.max_images:
             raise HTTPException(413, detail=f"{count} images; the limit is MAX_IMAGES={service.settings.max_images}")
-        def decode_all() -> list:
-            return [decode_image(data, name, service.settings.max_pixels) for name, data in uploads]
-
         try:
-            # Thumbnails (judged by their headers, not their byte size: a flat PNG compresses 1000:1)
-            # decode in microseconds, less than a thread hop costs. Anything larger is decoded off
-            # the event loop.
-            small = sum(header_pixels(data) for _, data in uploads) <= INLINE_DECODE_PIXELS
-            tensors = decode_all() if small else await run_in_threadpool(decode_all)
+            # Headers are read and checked here (limits before any decoding). Thumbnails decode in
+            # microseconds, less than a thread hop costs; larger images decode off the event loop.
+            opened = [(open_image(data, name, service.settings.max_pixels), name) for name, data in uploads]
+            pixels = sum(image.size[0] * image.size[1] for image, _ in opened)
+
+            def decode_all() -> list:
+                return [decode_pixels(image, name) for image, name in opened]
+
+            tensors = decode_all() if pixels <= INLINE_DECODE_PIXELS else await run_in_threadpool(decode_all)
         except ImageError as exc:
             raise HTTPException(exc.status, detail=exc.message) from exc
         started = time.perf_counter()
