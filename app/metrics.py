@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from app.registry import Registry, percentile
 
@@ -18,6 +18,7 @@ WINDOW = 2048  # recent requests per variant kept for the JSON view's live perce
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
         labels = ("variant", "keep", "granularity")
         self.accuracy = Gauge("prune_variant_test_accuracy_percent",
                               "Test accuracy measured by training (mean over seeds)", labels, registry=self.registry)
@@ -25,6 +26,8 @@ class Metrics:
                                    labels, registry=self.registry)
         self.parameters = Gauge("prune_variant_parameters", "Parameter counts (kind: total, prunable, nonzero)",
                                 (*labels, "kind"), registry=self.registry)
+        self.resident_bytes = Gauge("prune_variant_resident_bytes", "Bytes of tensors the variant's compact "
+                                    "network holds in memory", labels, registry=self.registry)
         self.checkpoint_bytes = Gauge("prune_variant_checkpoint_bytes", "Size of the variant's checkpoint file",
                                       labels, registry=self.registry)
         self.startup_latency = Gauge("prune_variant_startup_latency_seconds",
@@ -48,6 +51,7 @@ class Metrics:
             self.accuracy.labels(*labels).set(v.test_acc_mean)
             self.accuracy_drop.labels(*labels).set(v.drop)
             self.checkpoint_bytes.labels(*labels).set(v.bytes)
+            self.resident_bytes.labels(*labels).set(v.net.nbytes())
             for kind, count in v.params.items():
                 self.parameters.labels(*labels, kind).set(count)
             for batch, stats in v.latency.items():

@@ -1,5 +1,7 @@
-"""Loads models/ (manifest + verified safetensors checkpoints), builds every variant, warms up and
-measures latency on this machine. The service's single source of truth about variants."""
+"""Loads models/ (manifest + verified safetensors checkpoints), builds every variant's compact
+network (training/compact.py: emptied channels dropped, BN folded, dense or sparse per layer as
+measured here), warms up and measures latency on this machine. The service's single source of
+truth about variants. Only the compact networks stay in memory: the loaded models are dropped."""
 
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ import torch
 from torch import Tensor
 
 from training.checkpoint import CheckpointError, load_model
-from training.model import GatedNet
-from training.train import autocast
+from training.compact import BATCH_BUCKETS, CompactNet, calibrate, compact
 
 log = logging.getLogger("app.registry")
 
-LATENCY_BATCHES = (1, 64)
+LATENCY_BATCHES = BATCH_BUCKETS  # the batch sizes the execution paths are chosen for
+GRANULARITIES = ("weight", "channel")
 
 
 class ModelsError(RuntimeError):
@@ -45,8 +47,11 @@ class Variant:
     test_acc_std: float
     test_acc_per_seed: list[float]
     drop: float
-    model: GatedNet = field(repr=False)
+    net: CompactNet = field(repr=False)
     latency: dict[int, dict[str, float]] = field(default_factory=dict)  # batch → p50_ms, p95_ms, images_per_s
+
+    def throughput(self, batch: int = LATENCY_BATCHES[-1]) -> float:
+        return self.latency.get(batch, {}).get("images_per_s", 0.0)
 
     def describe(self) -> dict:
         return {
@@ -55,6 +60,7 @@ class Variant:
             "checkpoint_bytes": self.bytes, "base_checkpoint": self.base, "test_acc_mean": self.test_acc_mean,
             "test_acc_std": self.test_acc_std, "test_acc_per_seed": self.test_acc_per_seed, "drop": self.drop,
             "latency": {f"batch_{b}": v for b, v in sorted(self.latency.items())},
+            "resident_bytes": self.net.nbytes(), "execution": self.net.describe(),
         }
 
 
@@ -85,7 +91,7 @@ class Registry:
             self._load_manifest()
             for entry in self.manifest["variants"]:
                 self.variants.append(self._load_variant(entry))
-            self.variants.sort(key=lambda v: -v.keep)
+            self.variants.sort(key=lambda v: (GRANULARITIES.index(v.granularity), -v.keep))
             self._base_cache.clear()
             self._measure()
             self.ready = True
@@ -127,21 +133,29 @@ class Registry:
         model = load_model(file, entry["sha256"], root=self.models_dir, base_cache=self._base_cache)
         if model.config.num_classes != len(self.classes):
             raise ModelsError(f"{file}: model has {model.config.num_classes} outputs, manifest {len(self.classes)}")
-        model = model.to(memory_format=torch.channels_last)
+        net = compact(model)
+        del model  # only the compact network is kept: no dense copy per variant
+        if self.precision == "bf16":
+            net = net.to(torch.bfloat16)
+        granularity = entry.get("granularity", "weight")
+        if granularity not in GRANULARITIES:
+            raise ModelsError(f"manifest variant {entry['name']!r}: unknown granularity {granularity!r}")
         return Variant(
             name=entry["name"], keep=float(entry["keep"]), sparsity=float(entry.get("sparsity", 1 - entry["keep"])),
-            granularity=entry.get("granularity", "weight"), criterion=entry.get("criterion", "gate"),
+            granularity=granularity, criterion=entry.get("criterion", "gate"),
             file=entry["file"], bytes=int(entry.get("bytes", file.stat().st_size)), sha256=entry["sha256"],
             params={k: int(v) for k, v in entry["params"].items()}, finetuned=bool(entry.get("finetuned", False)),
             base=entry.get("base"),
             test_acc_mean=float(entry["test_acc_mean"]), test_acc_std=float(entry["test_acc_std"]),
             test_acc_per_seed=[float(a) for a in entry.get("test_acc_per_seed", [])], drop=float(entry["drop"]),
-            model=model,
+            net=net,
         )
 
     def _measure(self) -> None:
-        """Warm up, then time every variant at batch 1 and 64 on this machine (median of runs)."""
+        """Choose each layer's execution path, then time every variant at batch 1, 8 and 64 on this
+        machine (median of runs)."""
         for variant in self.variants:
+            calibrate(variant.net)
             for batch in LATENCY_BATCHES:
                 x = torch.randn(batch, 3, 32, 32)
                 self.forward(variant, x)  # warm-up: allocator, oneDNN primitive cache
@@ -158,24 +172,25 @@ class Registry:
     @torch.inference_mode()
     def forward(self, variant: Variant, images: Tensor) -> Tensor:
         """Normalised float images [N, 3, 32, 32] → class probabilities [N, C] (float32)."""
-        with self._lock, autocast(self.precision == "bf16"):
-            logits = variant.model(images.contiguous(memory_format=torch.channels_last))
+        with self._lock:
+            logits = variant.net(images.contiguous(memory_format=torch.channels_last))
         return torch.softmax(logits.float(), dim=1)
 
     # -- selection -------------------------------------------------------------------------
-    def keeps(self) -> list[float]:
-        return [v.keep for v in self.variants]
+    def keeps(self, granularity: str = "weight") -> list[float]:
+        return [v.keep for v in self.variants if v.granularity == granularity]
 
-    def by_keep(self, keep: float) -> Variant | None:
+    def by_keep(self, keep: float, granularity: str = "weight") -> Variant | None:
         for variant in self.variants:
-            if math.isclose(variant.keep, keep, abs_tol=1e-9):
+            if variant.granularity == granularity and math.isclose(variant.keep, keep, abs_tol=1e-9):
                 return variant
         return None
 
     def auto(self, max_drop: float) -> Variant | None:
-        """Sparsest variant whose measured accuracy drop is ≤ max_drop points."""
+        """Across both granularities: the variant with the best measured throughput (batch 64, this
+        machine) whose accuracy drop is ≤ max_drop points; ties go to the sparser one."""
         eligible = [v for v in self.variants if v.drop <= max_drop]
-        return min(eligible, key=lambda v: v.keep) if eligible else None
+        return max(eligible, key=lambda v: (v.throughput(), -v.keep)) if eligible else None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -184,3 +199,14 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[index]
+
+
+def resident_memory_bytes() -> int | None:
+    """This process's resident set size (Linux /proc; None elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

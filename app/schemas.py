@@ -47,6 +47,13 @@ class Latency(BaseModel):
     images_per_s: float
 
 
+class LayerExecution(BaseModel):
+    layer: str
+    channels: str = Field(description="output channels computed / channels in the dense network")
+    density: float = Field(description="share of nonzero weights in the compacted layer")
+    paths: dict[str, str] = Field(description="per batch size: dense conv or sparse (CSR) GEMM, as measured here")
+
+
 class VariantRow(BaseModel):
     name: str
     keep: float
@@ -62,12 +69,16 @@ class VariantRow(BaseModel):
     test_acc_std: float
     test_acc_per_seed: list[float]
     drop: float = Field(description="accuracy points lost vs dense (mean over seeds)")
-    latency: dict[str, Latency] = Field(description="measured by this process at start-up: batch_1, batch_64")
+    latency: dict[str, Latency] = Field(description="measured by this process at start-up: batch_1, batch_8, "
+                                                    "batch_64, on the execution path below")
+    resident_bytes: int = Field(description="bytes of tensors this variant's compact network holds in memory")
+    execution: list[LayerExecution]
 
 
 class VariantsResponse(BaseModel):
     classes: list[str]
     precision: str
+    resident_memory_bytes: int | None = Field(None, description="this process's resident memory (RSS) now")
     variants: list[VariantRow]
 
 

@@ -62,26 +62,31 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def build_models_dir(root: Path, keeps: tuple[float, ...] = (1.0, 0.5, 0.1), seed: int = 0) -> Path:
+def build_models_dir(root: Path, keeps: tuple[float, ...] = (1.0, 0.5, 0.1), seed: int = 0,
+                     channel_keeps: tuple[float, ...] = (0.5,)) -> Path:
     """A models/ tree like prune-train's: tiny pruned checkpoints + manifest. Accuracy figures are
     placeholders for the API to echo (the tests check they are passed through, not their value)."""
     import json
 
     from training import checkpoint
-    from training.prune import prune
+    from training.prune import prune, prune_channels
 
     root.mkdir(parents=True, exist_ok=True)
     variants = []
-    for i, keep in enumerate(keeps):
+    jobs = [("weight", k) for k in keeps] + [("channel", k) for k in channel_keeps]
+    for i, (granularity, keep) in enumerate(jobs):
         model = tiny_model(seed)
-        if keep < 1.0:
+        if granularity == "channel":
+            prune_channels(model, keep)
+        elif keep < 1.0:
             prune(model, "gate", keep)
-        name = "dense" if keep == 1.0 else f"gate-keep{keep:.2f}"
+        criterion = "channel" if granularity == "channel" else "gate" if keep < 1 else "dense"
+        name = "dense" if keep == 1.0 else f"{criterion}-keep{keep:.2f}"
         size, sha = checkpoint.save_pruned(model, root / "variants" / f"{name}.safetensors")
         from training.model import count_parameters
 
-        variants.append({"name": name, "criterion": "gate" if keep < 1 else "dense", "keep": keep,
-                         "sparsity": round(1 - keep, 4), "granularity": "weight",
+        variants.append({"name": name, "criterion": criterion, "keep": keep,
+                         "sparsity": round(1 - keep, 4), "granularity": granularity,
                          "file": f"variants/{name}.safetensors", "bytes": size, "sha256": sha,
                          "params": count_parameters(model), "finetuned": keep < 1.0,
                          "test_acc_per_seed": [90.0 - 2 * i, 91.0 - 2 * i], "test_acc_mean": 90.5 - 2 * i,

@@ -62,12 +62,19 @@ def test_health_ready_and_variants(client: TestClient, models_dir: Path) -> None
     table = client.get("/variants").json()
     manifest = json.loads((models_dir / "manifest.json").read_text())
     assert table["classes"] == list(CLASSES)
-    assert [v["keep"] for v in table["variants"]] == [1.0, 0.5, 0.1]
+    assert [(v["granularity"], v["keep"]) for v in table["variants"]] == [
+        ("weight", 1.0), ("weight", 0.5), ("weight", 0.1), ("channel", 0.5)]
+    assert table["resident_memory_bytes"] > 0
     for row, entry in zip(table["variants"], manifest["variants"]):
         assert row["test_acc_mean"] == entry["test_acc_mean"] and row["drop"] == entry["drop"]
         assert row["params"] == entry["params"] and row["checkpoint_bytes"] == entry["bytes"]
-        for batch in ("batch_1", "batch_64"):
+        for batch in ("batch_1", "batch_8", "batch_64"):
             assert row["latency"][batch]["p50_ms"] > 0 and row["latency"][batch]["images_per_s"] > 0
+        assert [layer["layer"] for layer in row["execution"]][:2] == ["stem", "block1.conv1"]
+        assert row["resident_bytes"] > 0
+    channel = table["variants"][-1]  # the tiny net's channel variant computes half of every conv's channels
+    assert [layer["channels"] for layer in channel["execution"]] == ["2/4", "4/8", "4/8", "4/8", "4/8", "8/16", "8/16"]
+    assert channel["resident_bytes"] < 0.5 * table["variants"][0]["resident_bytes"]
 
 
 def test_predict_multipart_batch_and_field_names(client: TestClient) -> None:
@@ -103,16 +110,38 @@ def test_default_and_auto_selection(models_dir: Path) -> None:
     with make_client(models_dir, default_keep=0.5) as c:
         wait_ready(c)
         assert c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).json()["variant"]["keep"] == 0.5
-        # drops are 0, 2, 4 points: auto picks the sparsest within the budget
-        def auto(max_drop: float) -> httpx.Response:
-            return c.post(f"/predict?keep=auto&max_drop={max_drop}", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+        # drops are 0, 2, 4 (weight 1.0, 0.5, 0.1) and 6 (channel 0.5) points. auto picks the best
+        # measured throughput within the budget, across granularities: inject the measurements.
+        registry = c.app.state.service.registry
+        throughput = {("weight", 1.0): 100, ("weight", 0.5): 300, ("weight", 0.1): 200, ("channel", 0.5): 900}
+        for variant in registry.variants:
+            variant.latency[64]["images_per_s"] = throughput[(variant.granularity, variant.keep)]
 
-        assert auto(0).json()["variant"]["keep"] == 1.0
-        assert auto(2.5).json()["variant"]["keep"] == 0.5
-        assert auto(10).json()["variant"]["keep"] == 0.1
+        def auto(max_drop: float) -> dict:
+            r = c.post(f"/predict?keep=auto&max_drop={max_drop}", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+            assert r.status_code == 200, r.text
+            return r.json()["variant"]
+
+        assert auto(0)["keep"] == 1.0
+        assert auto(2.5)["keep"] == 0.5
+        assert auto(4)["keep"] == 0.5  # 0.1 is allowed but measured slower than 0.5
+        assert auto(10) == {"name": "channel-keep0.50", "keep": 0.5, "sparsity": 0.5, "granularity": "channel"}
     with make_client(models_dir) as c:
         wait_ready(c)
         assert c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).json()["variant"]["keep"] == 1.0
+
+
+def test_granularity_selects_channel_variants(client: TestClient) -> None:
+    def post(query: str) -> httpx.Response:
+        return client.post(f"/predict?{query}", files={"files": ("a.jpg", jpeg_bytes((9, 8, 7)))})
+
+    assert post("keep=0.5&granularity=channel").json()["variant"]["granularity"] == "channel"
+    assert post("keep=0.5").json()["variant"]["granularity"] == "weight"
+    assert post("granularity=channel").json()["variant"]["name"] == "channel-keep0.50"  # its densest
+    r = post("keep=0.1&granularity=channel")
+    assert r.status_code == 422 and "available keeps: 0.5" in r.json()["detail"]
+    r = post("keep=0.5&granularity=block")
+    assert r.status_code == 422 and "granularity" in json.dumps(r.json()["detail"])
 
 
 @pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("P", "GIF"), ("RGBA", "PNG"), ("CMYK", "JPEG"),
@@ -331,7 +360,7 @@ def test_metrics_prometheus_and_json(client: TestClient) -> None:
     text = client.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     acc = {s.labels["variant"]: s.value for s in families["prune_variant_test_accuracy_percent"].samples}
-    assert acc == {"dense": 90.5, "gate-keep0.50": 88.5, "gate-keep0.10": 86.5}
+    assert acc == {"dense": 90.5, "gate-keep0.50": 88.5, "gate-keep0.10": 86.5, "channel-keep0.50": 84.5}
     requests = {(s.labels["variant"], s.labels["status"]): s.value for s in families["prune_requests"].samples
                 if s.name == "prune_requests_total"}
     assert requests[("gate-keep0.50", "200")] == 1 and requests[("none", "422")] == 1
@@ -339,6 +368,9 @@ def test_metrics_prometheus_and_json(client: TestClient) -> None:
     assert "prune_queue_depth_images" in families
     params = {(s.labels["variant"], s.labels["kind"]): s.value for s in families["prune_variant_parameters"].samples}
     assert params[("gate-keep0.10", "nonzero")] < params[("dense", "nonzero")]
+    assert families["process_resident_memory_bytes"].samples[0].value > 0
+    resident = {s.labels["variant"]: s.value for s in families["prune_variant_resident_bytes"].samples}
+    assert resident["channel-keep0.50"] < resident["dense"]
     view = client.get("/metrics?format=json").json()
     assert client.get("/metrics.json").json()["variants"][0]["name"] == "dense"
     row = next(v for v in view["variants"] if v["name"] == "gate-keep0.50")

@@ -123,17 +123,23 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
     args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(work), "--seeds", "2",
             "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
             "--val-size", "3", "--keeps", "0.5", "0.1", "--finetune-steps", "1", "--calib-images", "8",
-            "--no-bf16", "--floor", "0.01"]
+            "--no-bf16", "--floor", "0.01", "--channel-keeps", "0.5", "--channel-finetune-steps", "2"]
     assert prune_train(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schema_version"] == 1 and manifest["classes"] == list(CLASSES)
     assert {"mean", "std"} <= set(manifest["normalization"]) and manifest["dataset"]["sha256"]
-    assert [v["keep"] for v in manifest["variants"]] == [1.0, 0.5, 0.1]
+    assert [(v["granularity"], v["keep"]) for v in manifest["variants"]] == [
+        ("weight", 1.0), ("weight", 0.5), ("weight", 0.1), ("channel", 0.5)]
     for variant in manifest["variants"]:
         path = out / variant["file"]
         assert path.stat().st_size == variant["bytes"]
         model = checkpoint.load_model(path, variant["sha256"])  # verifies sha256
         nonzero = sum(int(torch.count_nonzero(layer.weight)) for _, layer in model.gated_layers())
+        if variant["granularity"] == "channel":  # every conv keeps exactly half its channels (widths 4, 4, 8)
+            alive = [int(layer.weight.flatten(1).any(1).sum()) for _, layer, _, _ in model.conv_chain()]
+            assert alive == [2, 2, 2, 2, 2, 4, 4]
+            assert variant["finetuned"] and 0 < variant["sparsity"] < 1
+            continue
         assert nonzero == round(variant["keep"] * variant["params"]["prunable"])
         assert len(variant["test_acc_per_seed"]) == 2
         assert variant["file"].endswith("-ft.safetensors") == variant["finetuned"]

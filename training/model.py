@@ -158,6 +158,18 @@ class GatedNet(nn.Module):
         """Prunable layers in a fixed order (module registration order): the order ties break by."""
         return [(name, m) for name, m in self.named_modules() if isinstance(m, GATED_TYPES)]
 
+    def conv_chain(self) -> list[tuple[str, GatedConv2d, nn.BatchNorm2d, bool]]:
+        """The convolutions in data order: (name, conv, its BatchNorm, max-pool between them).
+
+        Each conv's output channels are the next conv's input channels (the last conv's feed the
+        head after the global max-pool). Structured pruning and the compact executor both walk this.
+        """
+        chain: list[tuple[str, GatedConv2d, nn.BatchNorm2d, bool]] = [("stem", self.stem, self.stem_bn, False)]
+        for index, block in enumerate((self.block1, self.block2, self.block3), start=1):
+            chain.append((f"block{index}.conv1", block.conv1, block.bn1, True))
+            chain.append((f"block{index}.conv2", block.conv2, block.bn2, False))
+        return chain
+
     def fold(self) -> None:
         for _, layer in self.gated_layers():
             layer.fold()

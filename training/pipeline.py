@@ -22,11 +22,13 @@ from tqdm import tqdm
 from training import checkpoint, report
 from training.data import DataError, channel_stats, load_dataset, normalize, split_validation
 from training.model import GatedNet, NetConfig, count_parameters
-from training.prune import CRITERIA, SCOPES, check_keep, prune
+from training.prune import CRITERIA, SCOPES, check_keep, prune, prune_channels
 from training.train import GATE_METHODS, TrainConfig, accuracy, finetune, recalibrate_bn, train
 
 SCHEMA_VERSION = 1
 DEFAULT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
+# Channel keeps: the fraction of each conv's channels kept (parameters scale roughly with keep²).
+DEFAULT_CHANNEL_KEEPS = (0.7, 0.5, 0.35)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,9 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-max-keep", type=float, default=0.5, help="fine-tune variants with keep <= this")
     p.add_argument("--ship-finetune-min-gain", type=float, default=0.2,
                    help="ship a fine-tuned variant only if it gains this many validation points")
+    p.add_argument("--channel-keeps", type=float, nargs="*", default=list(DEFAULT_CHANNEL_KEEPS),
+                   help="channel-granularity variants: fraction of every conv's channels kept (none: skip)")
+    p.add_argument("--channel-finetune-steps", type=int, default=400,
+                   help="masked fine-tune steps per channel variant (removing whole channels needs more)")
+    p.add_argument("--channel-finetune-lr", type=float, default=0.06, help="peak learning rate of that fine-tune")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
-    for keep in args.keeps:
+    for keep in [*args.keeps, *args.channel_keeps]:
         try:
             check_keep(keep)
         except ValueError as exc:
@@ -80,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if 1.0 not in args.keeps:
         args.keeps = [1.0, *args.keeps]
     args.keeps = sorted(set(args.keeps), reverse=True)
+    args.channel_keeps = sorted({k for k in args.channel_keeps if k < 1.0}, reverse=True)
     return args
 
 
@@ -91,6 +99,19 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def _variant_name(criterion: str, keep: float) -> str:
     return "dense" if keep == 1.0 else f"{criterion}-keep{keep:.2f}"
+
+
+def _calibration_images(splits: dict, seed: int, count: int) -> torch.Tensor:
+    # A seeded random sample: the training split is stored class by class, and BN statistics of
+    # one class would mis-normalise the other nine.
+    pick = torch.randperm(len(splits["train_y"]), generator=torch.Generator().manual_seed(seed))
+    return splits["train_x"][pick[:count]]
+
+
+def _evaluate(model: GatedNet, splits: dict, cfg: TrainConfig) -> dict:
+    return {"val_acc": accuracy(model, splits["val_x"], splits["val_y"], bf16=cfg.bf16),
+            "test_acc": accuracy(model, splits["test_x"], splits["test_y"], bf16=cfg.bf16),
+            **count_parameters(model)}
 
 
 def _variant_file(criterion: str, keep: float, finetuned: bool) -> str:
@@ -119,10 +140,7 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     # Variants that are not fine-tuned are stored as masks over this checkpoint (see checkpoint.py).
     base = ("../dense.safetensors", dense_sha, checkpoint.folded_weights(model))
     dense_state = copy.deepcopy(model.state_dict())
-    # A seeded random sample: the training split is stored class by class, and BN statistics of
-    # one class would mis-normalise the other nine.
-    pick = torch.randperm(len(splits["train_y"]), generator=torch.Generator().manual_seed(seed))
-    calib = splits["train_x"][pick[:args.calib_images]]
+    calib = _calibration_images(splits, seed, args.calib_images)
     release = seed == args.release_seed
 
     rows: list[dict] = []
@@ -142,11 +160,8 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
             if finetuned:
                 finetune(model, splits["train_x"], splits["train_y"], args.finetune_steps, cfg, seed)
             recalibrate_bn(model, calib, bf16=cfg.bf16)
-            counts = count_parameters(model)
-            row = {"criterion": criterion if keep < 1.0 else "dense", "keep": keep, "finetuned": finetuned,
-                   "val_acc": accuracy(model, splits["val_x"], splits["val_y"], bf16=cfg.bf16),
-                   "test_acc": accuracy(model, splits["test_x"], splits["test_y"], bf16=cfg.bf16), **counts}
-            rows.append(row)
+            rows.append({"criterion": criterion if keep < 1.0 else "dense", "keep": keep, "finetuned": finetuned,
+                         **_evaluate(model, splits, cfg)})
             if release and (criterion == args.ship_criterion or keep == 1.0):
                 # The release seed's candidates for shipping, written as they come; export picks.
                 checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(args.ship_criterion, keep,
@@ -155,6 +170,40 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     seed_dir.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(result, indent=1))
     return result
+
+
+def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig) -> list[dict]:
+    """Channel-granularity variants of one trained seed: top-K channels per layer, masked fine-tune,
+    BN recalibration. Each keep is cached in work_dir/seed-N/channel/ as it completes."""
+    seed_dir = Path(args.work_dir) / f"seed-{seed}"
+    out_dir = seed_dir / "channel"
+    calib = _calibration_images(splits, seed, args.calib_images)
+    rows = []
+    for keep in tqdm(args.channel_keeps, desc=f"seed {seed} channels", unit="variant", file=sys.stdout):
+        done = out_dir / f"keep{keep:.2f}.json"
+        if done.exists():
+            rows.append(json.loads(done.read_text()))
+            continue
+        model = checkpoint.load_model(seed_dir / "dense.safetensors")  # the trained gated model
+        prune_channels(model, keep)
+        began = time.perf_counter()
+        finetune(model, splits["train_x"], splits["train_y"], args.channel_finetune_steps, cfg, seed,
+                 lr=args.channel_finetune_lr)
+        recalibrate_bn(model, calib, bf16=cfg.bf16)
+        row = {"criterion": "channel", "keep": keep, "finetuned": True, **_evaluate(model, splits, cfg),
+               "finetune_seconds": round(time.perf_counter() - began, 1)}
+        if seed == args.release_seed:
+            checkpoint.save_pruned(model, out_dir / _variant_file("channel", keep, True))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
+def _sparsity(row: dict) -> float:
+    """Share of prunable weights that are zero (1 − keep for weight variants; measured for channels)."""
+    nonzero_prunable = row["nonzero"] - (row["total"] - row["prunable"])
+    return round(1 - nonzero_prunable / row["prunable"], 4)
 
 
 def aggregate(results: list[dict]) -> list[dict]:
@@ -170,7 +219,8 @@ def aggregate(results: list[dict]) -> list[dict]:
         test = [r["test_acc"] for r in rows]
         val = [r["val_acc"] for r in rows]
         table.append({
-            "criterion": criterion, "keep": keep, "sparsity": round(1 - keep, 4), "finetuned": finetuned,
+            "criterion": criterion, "granularity": "channel" if criterion == "channel" else "weight",
+            "keep": keep, "sparsity": _sparsity(rows[0]), "finetuned": finetuned,
             "test_acc_per_seed": test, "test_acc_mean": statistics.fmean(test),
             "test_acc_std": statistics.stdev(test) if len(test) > 1 else 0.0,
             "val_acc_mean": statistics.fmean(val) if all(v == v for v in val) else None,
@@ -228,6 +278,20 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
             # Masked variants need this file too (it is verified by its sha256 when they load).
             "base": "dense.safetensors" if checkpoint.base_reference(data, source) else None,
         })
+    for keep in args.channel_keeps:
+        best = next(r for r in table if r["criterion"] == "channel" and r["keep"] == keep)
+        source = release_dir / "channel" / _variant_file("channel", keep, True)
+        data = source.read_bytes()
+        (out / "variants" / source.name).write_bytes(data)
+        variants.append({
+            "name": _variant_name("channel", keep), "criterion": "channel", "keep": keep,
+            "sparsity": best["sparsity"], "granularity": "channel", "file": f"variants/{source.name}",
+            "bytes": len(data), "sha256": checkpoint.sha256_bytes(data),
+            "params": {"total": best["total"], "prunable": best["prunable"], "nonzero": best["nonzero"]},
+            "finetuned": True, "test_acc_per_seed": best["test_acc_per_seed"],
+            "test_acc_mean": best["test_acc_mean"], "test_acc_std": best["test_acc_std"], "drop": best["drop"],
+            "val_acc_mean": best["val_acc_mean"], "base": None,
+        })
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "classes": dataset_info["classes"],
@@ -238,7 +302,9 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
                      "val_size": args.val_size, "train_limit": args.train_limit, "scope": args.scope,
                      "floor": args.floor, "calib_images": args.calib_images, "finetune_steps": args.finetune_steps,
                      "finetune_criteria": args.finetune_criteria, "finetune_max_keep": args.finetune_max_keep,
-                     "ship_criterion": args.ship_criterion, "ship_finetune_min_gain": args.ship_finetune_min_gain},
+                     "ship_criterion": args.ship_criterion, "ship_finetune_min_gain": args.ship_finetune_min_gain,
+                     "channel_keeps": args.channel_keeps, "channel_finetune_steps": args.channel_finetune_steps,
+                     "channel_finetune_lr": args.channel_finetune_lr},
         "timing": {  # measured when each seed ran (sweep time was not recorded by older runs: null)
             "train_seconds_per_seed": [round(sum(h["seconds"] for h in r["history"]), 1) for r in results],
             "sweep_seconds_per_seed": [round(r["sweep_seconds"], 1) if "sweep_seconds" in r else None
@@ -285,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(splits["train_y"]) < cfg.batch_size:
         cfg.batch_size = max(1, len(splits["train_y"]))  # tiny data sets (smoke tests)
     results = [run_seed(args, seed, splits, cfg, net_cfg) for seed in range(args.seeds)]
+    for seed in range(args.seeds):  # structured variants reuse each seed's trained model
+        channel_rows = run_channel_seed(args, seed, splits, cfg)
+        results[seed] = {**results[seed], "rows": results[seed]["rows"] + channel_rows}
     table = aggregate(results)
     manifest = export(args, table, data.describe(), mean, std, cfg, net_cfg, results)
     dense = manifest["variants"][0]

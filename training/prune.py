@@ -1,8 +1,12 @@
-"""Phase 2: deterministic top-K pruning.
+"""Phase 2: deterministic top-K pruning, at two granularities.
 
-Exactly ``round(keep × N)`` prunable weights survive (N = all prunable weights). Ranking is by an
-importance criterion; ties break by position (layer order, then flat index) through a stable sort,
-so the same scores always give bit-identical masks.
+weight   exactly ``round(keep × N)`` prunable weights survive (N = all prunable weights), ranked by an
+         importance criterion across the network (or per layer).
+channel  every conv layer keeps exactly ``max(1, round(keep × C))`` of its C output channels; a
+         pruned channel's producing filter and every weight that reads it are masked, so the masked
+         network equals a physically narrower one (training/compact.py slices it).
+Ties break by position (layer order, then flat index) through a stable sort, so the same scores
+always give bit-identical masks.
 """
 
 from __future__ import annotations
@@ -120,5 +124,58 @@ def prune(model: GatedNet, criterion: str, keep: float, scope: str = "global", f
           seed: int = 0) -> dict[str, Tensor]:
     """Rank, select and install masks on ``model``; returns the masks."""
     masks = topk_masks(importance(model, criterion, seed), keep, scope, floor)
+    model.set_masks(masks)
+    return masks
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel granularity (structured)
+# ---------------------------------------------------------------------------------------------
+def channel_counts(channels: int, keep: float) -> int:
+    """Channels a layer of ``channels`` keeps: round(keep × C), never fewer than one."""
+    return min(channels, max(1, round(check_keep(keep) * channels)))
+
+
+@torch.no_grad()
+def channel_importance(model: GatedNet) -> dict[str, Tensor]:
+    """Per conv layer, one score per output channel, derived from the learned weight gates.
+
+    score_j = |γ_j| × Σ |W·sigmoid(S)| over the next layer's weights that read channel j: how far the
+    channel's normalised output (its spread after BatchNorm is |γ_j|) moves what comes next. The
+    last conv's channels are read by the head.
+    """
+    chain = model.conv_chain()
+    consumers = [layer for _, layer, _, _ in chain[1:]] + [model.head]
+    scores = {}
+    for (name, _, bn, _), consumer in zip(chain, consumers):
+        read = consumer.effective_weight().detach().abs().float()
+        mass = read.sum(dim=(0, 2, 3)) if read.dim() == 4 else read.sum(dim=0)
+        scores[name] = bn.weight.detach().abs().float() * mass
+    return scores
+
+
+def channel_masks(model: GatedNet, keep: float) -> dict[str, Tensor]:
+    """Weight masks (layer name → bool, weight-shaped) that keep the top channels of every conv.
+
+    A pruned channel j of layer i loses its filter (row j of layer i) and its readers (input j of
+    layer i+1, or column j of the head), so its BatchNorm constant never reaches the output.
+    """
+    chain = model.conv_chain()
+    kept = {}
+    for name, scores in channel_importance(model).items():
+        alive = torch.zeros(scores.numel(), dtype=torch.bool)
+        alive[_stable_top(scores, channel_counts(scores.numel(), keep))] = True
+        kept[name] = alive
+    masks = {name: torch.ones_like(layer.weight, dtype=torch.bool) for name, layer in model.gated_layers()}
+    consumers = [name for name, _, _, _ in chain[1:]] + ["head"]
+    for (name, _, _, _), consumer in zip(chain, consumers):
+        masks[name][~kept[name]] = False
+        masks[consumer][:, ~kept[name]] = False
+    return masks
+
+
+def prune_channels(model: GatedNet, keep: float) -> dict[str, Tensor]:
+    """Rank channels, keep the top ones per layer and install the masks on ``model``."""
+    masks = channel_masks(model, keep)
     model.set_masks(masks)
     return masks

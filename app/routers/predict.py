@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Literal
 
 import torch
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -42,12 +43,17 @@ _BODY_DOC = {
 }
 
 
-def resolve_variant(service: Service, keep: str | None, max_drop: float | None) -> Variant:
+def resolve_variant(service: Service, keep: str | None, max_drop: float | None,
+                    granularity: str = "weight") -> Variant:
     registry = service.registry
-    available = ", ".join(f"{k:g}" for k in registry.keeps())
+    available = ", ".join(f"{k:g}" for k in registry.keeps(granularity)) or "none"
     if keep is None or keep == "":
         default = service.settings.default_keep
-        variant = registry.by_keep(default if default is not None else 1.0) or registry.variants[0]
+        variant = registry.by_keep(default if default is not None else 1.0, granularity)
+        if variant is None:  # e.g. granularity=channel has no keep 1.0: its densest variant
+            variant = next((v for v in registry.variants if v.granularity == granularity), None)
+        if variant is None:
+            raise HTTPException(422, detail=f"no {granularity}-granularity variants are loaded")
         return variant
     if keep.strip().lower() == "auto":
         if max_drop is None:
@@ -63,9 +69,10 @@ def resolve_variant(service: Service, keep: str | None, max_drop: float | None) 
         raise HTTPException(422, detail=f"keep must be a number in (0, 1] or 'auto', got {keep!r}") from None
     if not math.isfinite(value) or not 0 < value <= 1:
         raise HTTPException(422, detail=f"keep must be in (0, 1], got {keep!r}; available: {available}")
-    variant = registry.by_keep(value)
+    variant = registry.by_keep(value, granularity)
     if variant is None:
-        raise HTTPException(422, detail=f"no variant with keep={value:g}; available keeps: {available}")
+        raise HTTPException(422, detail=f"no {granularity}-granularity variant with keep={value:g}; "
+                                        f"available keeps: {available}")
     return variant
 
 
@@ -110,13 +117,16 @@ async def predict(
                              max_length=32),
     max_drop: float | None = Query(None, ge=0, le=100, allow_inf_nan=False,
                                    description="with keep=auto: accuracy points you accept to lose"),
+    granularity: Literal["weight", "channel"] = Query(
+        "weight", description="weight: unstructured top-K weights; channel: whole channels removed (narrower "
+                              "dense layers). keep=auto searches both"),
     top_k: int = Query(3, ge=1, le=1000, description="how many classes with probabilities to return"),
     service: Service = Depends(get_ready_service),
 ) -> dict:
     began = time.perf_counter()
     variant_label, status, count = "none", 500, 0
     try:
-        variant = resolve_variant(service, keep, max_drop)
+        variant = resolve_variant(service, keep, max_drop, granularity)
         variant_label = variant.name
         uploads = await read_uploads(request, service)
         count = len(uploads)

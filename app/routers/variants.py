@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from app.registry import resident_memory_bytes
 from app.schemas import ErrorResponse, VariantsResponse
 from app.service import Service, get_ready_service
 from training.report import plot_tradeoff
@@ -21,6 +22,7 @@ NOT_READY = {503: {"model": ErrorResponse, "description": "models not loaded"}}
 async def variants(service: Service = Depends(get_ready_service)) -> dict:
     registry = service.registry
     return {"classes": registry.classes, "precision": registry.precision,
+            "resident_memory_bytes": resident_memory_bytes(),
             "variants": [v.describe() for v in registry.variants]}
 
 
@@ -33,7 +35,8 @@ async def variants_plot(service: Service = Depends(get_ready_service)) -> Respon
          "sparsity": v.sparsity, "test_acc_mean": v.test_acc_mean, "test_acc_std": v.test_acc_std}
         for v in registry.variants
     ]
-    latency = {v.keep: v.latency[1]["p50_ms"] for v in registry.variants if 1 in v.latency}
+    latency = {v.keep: v.latency[1]["p50_ms"] for v in registry.variants
+               if 1 in v.latency and v.granularity == "weight"}
 
     def render() -> bytes:
         buffer = io.BytesIO()

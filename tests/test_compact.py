@@ -1,0 +1,171 @@
+"""Compact execution (training/compact.py) computes what the masked dense model computes, on less work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import tiny_model
+from training import checkpoint
+from training.compact import BATCH_BUCKETS, CompactNet, calibrate, choose_path, compact
+from training.prune import channel_counts, channel_masks, prune, prune_channels
+
+TOL = 1e-4
+
+
+def _with_bn_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine terms, so folding and the constants are really exercised."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(torch.randn(c, generator=generator) * 0.5)
+                module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(c, generator=generator))  # negative scales too: pool order matters
+                module.bias.copy_(torch.randn(c, generator=generator))
+    return model.eval()
+
+
+def _all_paths(net: CompactNet, path: str) -> None:
+    for conv in net.convs:
+        if path == "sparse":
+            conv.enable_sparse()
+        conv.paths = {b: path for b in BATCH_BUCKETS}
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.2, 0.05, 0.01])
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_weight_variants_equal_the_masked_model(keep: float, path: str, batch: int) -> None:
+    model = _with_bn_statistics(tiny_model(3))
+    if keep < 1.0:
+        prune(model, "gate", keep)
+    x = torch.randn(batch, 3, 32, 32)
+    expected = model(x)
+    net = compact(model)
+    _all_paths(net, path)
+    assert torch.allclose(net(x), expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("keep", [0.75, 0.5, 0.25])
+def test_channel_variants_keep_exactly_k_channels_and_equal_the_masked_model(keep: float) -> None:
+    model = _with_bn_statistics(tiny_model(4), seed=1)
+    prune_channels(model, keep)
+    net = compact(model)
+    # exactly K channels per conv survive, and the compact net is physically that narrow
+    expected_widths = [channel_counts(w, keep) for w in net.dense_channels]
+    assert [conv.weight.shape[0] for conv in net.convs] == expected_widths
+    assert [conv.weight.shape[1] for conv in net.convs[1:]] == expected_widths[:-1]
+    assert net.head_weight.shape[1] == expected_widths[-1]
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(net(x), model(x), atol=TOL, rtol=0)
+
+
+def test_channel_masks_remove_producer_and_readers() -> None:
+    model = tiny_model(5)
+    masks = channel_masks(model, 0.5)
+    chain = model.conv_chain()
+    for (name, _, _, _), (reader, _, _, _) in zip(chain, chain[1:]):
+        alive_rows = masks[name].flatten(1).any(1)
+        alive_reads = masks[reader].transpose(0, 1).flatten(1).any(1)
+        assert torch.equal(alive_rows, alive_reads)
+        assert int(alive_rows.sum()) == channel_counts(len(alive_rows), 0.5)
+
+
+def test_emptied_filter_becomes_a_constant_and_unread_channel_is_dropped() -> None:
+    """A zero filter (constant channel, folded into the next layer's bias map) and a channel nobody
+    reads are both removed; the output does not change, borders included."""
+    model = _with_bn_statistics(tiny_model(6), seed=2)
+    with torch.no_grad():
+        model.block1.conv2.weight[3].zero_()  # channel 3 of block1.conv2 produces a constant
+        model.block2.conv1.weight[:, 5].zero_()  # channel 5 of block1.conv2 is never read
+        model.block3.conv2.weight[2].zero_()  # a constant into the head: becomes head bias
+    model.fold()
+    net = compact(model)
+    assert net.convs[2].weight.shape[0] == 8 - 2
+    assert net.convs[2].weight.shape[0] == net.convs[3].weight.shape[1]
+    assert net.convs[3].bias_map is not None
+    assert net.convs[6].weight.shape[0] == 16 - 1
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.allclose(net(x), model(x), atol=TOL, rtol=0)
+
+
+def test_a_fully_emptied_layer_still_runs() -> None:
+    model = _with_bn_statistics(tiny_model(7), seed=3)
+    with torch.no_grad():
+        model.block2.conv2.weight.zero_()  # every channel constant: the rest sees only constants
+    model.fold()
+    net = compact(model)
+    assert min(conv.weight.shape[0] for conv in net.convs) >= 1
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(net(x), model(x), atol=TOL, rtol=0)
+
+
+def test_compact_round_trips_through_a_checkpoint(tmp_path) -> None:
+    model = _with_bn_statistics(tiny_model(8))
+    prune(model, "gate_magnitude", 0.1)
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    _, sha = checkpoint.save_pruned(model, tmp_path / "v.safetensors")
+    loaded = checkpoint.load_model(tmp_path / "v.safetensors", sha)
+    assert torch.allclose(compact(loaded)(x), expected, atol=TOL, rtol=0)
+
+
+def test_compact_rejects_training_mode_and_other_input_sizes() -> None:
+    model = tiny_model(0)
+    with pytest.raises(ValueError, match="eval mode"):
+        compact(model.train())
+    net = compact(model.eval())
+    with pytest.raises(ValueError, match="built for"):
+        net(torch.randn(1, 3, 16, 16))
+
+
+def test_compact_is_smaller_when_channels_go() -> None:
+    model = tiny_model(9)
+    dense_bytes = compact(model).nbytes()
+    prune_channels(model, 0.5)
+    assert compact(model).nbytes() < 0.5 * dense_bytes
+
+
+# -- the dense/sparse decision, with injected timings -----------------------------------------------
+def test_choose_path_prefers_dense_unless_sparse_clearly_wins() -> None:
+    assert choose_path({"dense": 1.0, "sparse": 0.5}) == "sparse"
+    assert choose_path({"dense": 1.0, "sparse": 0.95}) == "dense"  # within the noise margin
+    assert choose_path({"dense": 1.0, "sparse": 2.0}) == "dense"
+    assert choose_path({"dense": 1.0}) == "dense"  # sparse failed to run
+    assert choose_path({}) == "dense"
+
+
+def test_calibrate_sets_paths_per_layer_and_batch_from_measured_timings() -> None:
+    model = tiny_model(10)
+    prune(model, "gate", 0.05)
+    net = compact(model)
+    calls: list[float] = []
+    timings = {1: {"dense": 1.0, "sparse": 0.5}, 8: {"dense": 1.0, "sparse": 1.5}, 64: {"dense": 1.0, "sparse": 3.0}}
+    sequence = [timings[b][p] for b in BATCH_BUCKETS for p in ("dense", "sparse")]
+
+    def injected(fn) -> float:
+        fn()  # the path must really run
+        value = sequence[len(calls) % len(sequence)]
+        calls.append(value)
+        return value
+
+    report = calibrate(net, timer=injected, max_density=1.0)
+    for conv, name in zip(net.convs, net.layer_names):
+        assert conv.paths == {1: "sparse", 8: "dense", 64: "dense"}
+        assert report[name][1] == {"dense": 1.0, "sparse": 0.5}
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(net(x), model(x), atol=TOL, rtol=0)
+
+
+def test_calibrate_skips_dense_layers_and_frees_unused_sparse_copies() -> None:
+    net = compact(tiny_model(11))  # keep 1.0: nothing is sparse enough to try
+    report = calibrate(net, timer=lambda fn: 1.0)
+    assert all(not layer for layer in report.values())
+    assert all(conv.paths == {} and conv.sparse_weight is None for conv in net.convs)
+
+
+def test_bucket_is_nearest_on_a_log_scale() -> None:
+    assert [CompactNet.bucket(n) for n in (1, 2, 3, 4, 8, 20, 23, 64, 500)] == [1, 1, 8, 8, 8, 8, 64, 64, 64]

@@ -1,0 +1,252 @@
+"""Compact execution: the network a pruned variant actually runs, smaller and faster than dense.
+
+Zeroed weights inside dense tensors save nothing. ``compact(model)`` turns a folded, pruned
+GatedNet into a CompactNet that does less work and computes the same function (to float rounding):
+
+1. BatchNorm is folded into the conv before it (eval statistics). Where a max-pool sits between
+   conv and BN it stays a per-channel affine after the pool (a max does not commute with a
+   negative scale), which costs a quarter of the pixels.
+2. Channels are physically dropped. A channel is
+     unused    when no surviving weight reads it (the next layer's column, or the head's, is all
+               zero): its filter, BN entry and readers go;
+     constant  when no surviving weight produces it (its filter is all zero): its value is
+               gelu(BN shift), a constant, whose effect on the next conv is precomputed as a
+               per-pixel bias map (zero padding makes the borders differ) and on the head as a
+               bias. Then it goes too.
+   Weight-granularity pruning empties many channels at high sparsity; channel-granularity
+   pruning (training/prune.py) empties them by design, so its variants run as narrower dense nets.
+3. Per layer and batch size, the convolution runs dense (oneDNN on the compacted weight) or as a
+   CSR sparse GEMM over unfolded patches, whichever ``calibrate`` measured faster. Sparse is only
+   tried where the compacted weight is sparse enough to have a chance (``SPARSE_MAX_DENSITY``).
+
+The bias maps depend on the input size, so a CompactNet is built for one (32×32 by default).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.model import GatedNet
+
+PATHS = ("dense", "sparse")
+BATCH_BUCKETS = (1, 8, 64)
+# Above this share of nonzero weights a CSR GEMM over unfolded patches never beat oneDNN's dense
+# conv on the machines we measured (the unfold and layout copies cost more than the zeros save).
+SPARSE_MAX_DENSITY = 0.3
+# Sparse must beat dense by this factor to be chosen: timings are noisy, dense is the safe default.
+SPARSE_MARGIN = 0.9
+
+
+class CompactConv(nn.Module):
+    """conv (+ bias map) [→ max-pool → affine] → GELU, on the channels that survived."""
+
+    def __init__(self, weight: Tensor, bias: Tensor, bias_map: Tensor | None, pool: bool,
+                 pool_scale: Tensor | None = None, pool_shift: Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+        self.register_buffer("bias_map", bias_map)
+        self.pool = pool
+        self.register_buffer("pool_scale", pool_scale.view(1, -1, 1, 1) if pool else None)
+        self.register_buffer("pool_shift", pool_shift.view(1, -1, 1, 1) if pool else None)
+        self.sparse_weight: Tensor | None = None  # CSR [out, in·k·k], built when a bucket chooses it
+        self.paths: dict[int, str] = {}  # batch bucket → "dense" | "sparse"; unset buckets run dense
+
+    @property
+    def density(self) -> float:
+        return float(torch.count_nonzero(self.weight)) / max(1, self.weight.numel())
+
+    def conv(self, x: Tensor, path: str) -> Tensor:
+        if path == "sparse" and self.sparse_weight is not None:
+            n, _, h, w = x.shape
+            patches = F.unfold(x, self.weight.shape[-1], padding=self.weight.shape[-1] // 2)  # [N, in·9, HW]
+            patches = patches.transpose(0, 1).reshape(patches.shape[1], n * h * w)
+            y = torch.sparse.mm(self.sparse_weight, patches)  # [out, N·HW]
+            y = y.view(-1, n, h, w).transpose(0, 1) + self.bias.view(1, -1, 1, 1)
+            return y.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, self.weight, self.bias, padding=self.weight.shape[-1] // 2)
+
+    def forward(self, x: Tensor, path: str = "dense") -> Tensor:
+        y = self.conv(x, path)
+        if self.bias_map is not None:
+            y = y + self.bias_map
+        if self.pool:
+            y = torch.addcmul(self.pool_shift, F.max_pool2d(y, 2), self.pool_scale)
+        return F.gelu(y)
+
+    def enable_sparse(self) -> None:
+        if self.sparse_weight is None:
+            self.sparse_weight = self.weight.detach().flatten(1).to_sparse_csr()
+
+
+class CompactNet(nn.Module):
+    """A pruned GatedNet with emptied channels removed and BN folded; same outputs as the masked net."""
+
+    def __init__(self, convs: list[CompactConv], head_weight: Tensor, head_bias: Tensor, logit_scale: float,
+                 input_hw: tuple[int, int], layer_names: list[str], dense_channels: list[int]) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.head_weight = nn.Parameter(head_weight.contiguous(), requires_grad=False)
+        self.head_bias = nn.Parameter(head_bias.contiguous(), requires_grad=False)
+        self.logit_scale = logit_scale
+        self.input_hw = input_hw
+        self.layer_names = layer_names
+        self.dense_channels = dense_channels  # output channels of each conv before compaction
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        """The calibrated batch size nearest to ``batch`` on a log scale."""
+        return min(BATCH_BUCKETS, key=lambda b: abs(math.log(max(batch, 1)) - math.log(b)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != self.input_hw:
+            raise ValueError(f"this compact network was built for {self.input_hw} inputs, got {tuple(x.shape[-2:])}")
+        x = x.to(self.head_weight.dtype)
+        bucket = self.bucket(x.shape[0])
+        for conv in self.convs:
+            x = conv(x, conv.paths.get(bucket, "dense"))
+        x = torch.amax(x, dim=(2, 3))
+        return F.linear(x, self.head_weight, self.head_bias) * self.logit_scale
+
+    def describe(self) -> list[dict]:
+        """Per layer: channels kept of the dense count, nonzero share of the compacted weight, paths."""
+        return [{"layer": name, "channels": f"{conv.weight.shape[0]}/{dense}", "density": round(conv.density, 4),
+                 "paths": {f"batch_{b}": conv.paths.get(b, "dense") for b in BATCH_BUCKETS}}
+                for name, conv, dense in zip(self.layer_names, self.convs, self.dense_channels)]
+
+    def path_summary(self) -> str:
+        """One token per layer, e.g. 'D D S D ...' (D dense, S sparse) for each bucket."""
+        return " | ".join(f"b{b}: " + "".join("S" if c.paths.get(b) == "sparse" else "D" for c in self.convs)
+                          for b in BATCH_BUCKETS)
+
+    def nbytes(self) -> int:
+        """Bytes of tensors this network holds (weights, bias maps, sparse copies)."""
+        total = sum(t.numel() * t.element_size() for t in [*self.parameters(), *self.buffers()])
+        for conv in self.convs:
+            if conv.sparse_weight is not None:
+                sw = conv.sparse_weight
+                total += sum(t.numel() * t.element_size() for t in (sw.values(), sw.crow_indices(), sw.col_indices()))
+        return total
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval-mode BN as y = x·scale + shift."""
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias.detach() - bn.running_mean * scale
+
+
+@torch.no_grad()
+def compact(model: GatedNet, input_hw: tuple[int, int] = (32, 32)) -> CompactNet:
+    """Build the compact network of a (folded or masked) pruned model in eval mode. Exact in float64
+    algebra; in float32 it matches the masked model to rounding (tests check 1e-4)."""
+    if model.training:
+        raise ValueError("compact() needs a model in eval mode (BN running statistics)")
+    chain = model.conv_chain()
+    weights = [layer.effective_weight().detach().float() for _, layer, _, _ in chain]
+    head_w = model.head.effective_weight().detach().float()
+    head_b = model.head.bias.detach().float().clone()
+    affine = [_bn_affine(bn) for _, _, bn, _ in chain]
+    n = len(chain)
+
+    # Which channels produce nothing (zero filter) and which nobody reads (backward from the head).
+    constant = [w.flatten(1).eq(0).all(1) for w in weights]
+    unused: list[Tensor] = [torch.zeros(0, dtype=torch.bool)] * n
+    reader_rows = torch.ones(head_w.shape[0], dtype=torch.bool)
+    reader = head_w
+    for i in reversed(range(n)):
+        read = reader[reader_rows]
+        unused[i] = read.flatten(2).abs().sum(dim=(0, 2)).eq(0) if read.dim() == 4 else read.abs().sum(0).eq(0)
+        reader_rows, reader = ~unused[i], weights[i]
+    kept = [~u & ~c for u, c in zip(unused, constant)]
+    for k in kept:  # never leave a layer empty: one computed channel is always exact
+        if not k.any():
+            k[0] = True
+    folded_into_next = [c & ~u & ~k for c, u, k in zip(constant, unused, kept)]
+
+    convs: list[CompactConv] = []
+    hw = input_hw
+    kept_in = torch.ones(weights[0].shape[1], dtype=torch.bool)
+    for i, (_, _, _, pool) in enumerate(chain):
+        w = weights[i]
+        scale, shift = affine[i]
+        bias_map = None
+        if i > 0 and folded_into_next[i - 1].any():
+            # Constant input channels: their value everywhere, zero padding around, through this conv.
+            prev_scale, prev_shift = affine[i - 1]
+            value = F.gelu(prev_shift) * folded_into_next[i - 1]
+            planes = value.view(1, -1, 1, 1).expand(1, w.shape[1], *hw)
+            bias_map = F.conv2d(planes, w, padding=w.shape[-1] // 2)[0][kept[i]]
+        w = w[kept[i]][:, kept_in]
+        if pool:  # conv → pool → BN: the affine must wait until after the max
+            convs.append(CompactConv(w, torch.zeros(w.shape[0]), bias_map, True,
+                                     scale[kept[i]], shift[kept[i]]))
+            hw = (hw[0] // 2, hw[1] // 2)
+        else:
+            s = scale[kept[i]]
+            convs.append(CompactConv(w * s.view(-1, 1, 1, 1), shift[kept[i]],
+                                     None if bias_map is None else bias_map * s.view(-1, 1, 1), False))
+        kept_in = kept[i]
+    last_scale, last_shift = affine[-1]
+    head_b += head_w[:, folded_into_next[-1]] @ F.gelu(last_shift[folded_into_next[-1]])
+    net = CompactNet(convs, head_w[:, kept[-1]], head_b, model.config.logit_scale, input_hw,
+                     [name for name, _, _, _ in chain], [w.shape[0] for w in weights])
+    return net.eval().to(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing dense or sparse per layer and batch size
+# ---------------------------------------------------------------------------------------------
+def choose_path(timings: dict[str, float], margin: float = SPARSE_MARGIN) -> str:
+    """Dense unless sparse was measured faster by the margin (missing or failed timings lose)."""
+    dense, sparse = timings.get("dense", math.inf), timings.get("sparse", math.inf)
+    return "sparse" if sparse < dense * margin else "dense"
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
+    fn()  # warm-up: oneDNN primitive cache, allocator
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def calibrate(net: CompactNet, buckets: Iterable[int] = BATCH_BUCKETS,
+              timer: Callable[[Callable[[], object]], float] = median_seconds,
+              max_density: float = SPARSE_MAX_DENSITY) -> dict[str, dict[int, dict[str, float]]]:
+    """Measure each layer's candidate paths at each batch bucket and set ``paths``; returns the
+    timings (layer → bucket → path → seconds). ``timer`` is injectable so tests need no clock."""
+    report: dict[str, dict[int, dict[str, float]]] = {}
+    hw = net.input_hw
+    dtype = net.head_weight.dtype
+    for name, conv in zip(net.layer_names, net.convs):
+        in_hw = hw
+        hw = (hw[0] // 2, hw[1] // 2) if conv.pool else hw
+        conv.paths = {}
+        report[name] = {}
+        if conv.density > max_density:
+            continue  # dense without measuring (see SPARSE_MAX_DENSITY)
+        conv.enable_sparse()
+        for batch in buckets:
+            x = torch.randn(batch, conv.weight.shape[1], *in_hw, dtype=dtype).contiguous(
+                memory_format=torch.channels_last)
+            timings = {}
+            for path in PATHS:
+                try:
+                    timings[path] = timer(lambda c=conv, x=x, p=path: c.conv(x, p))
+                except RuntimeError:  # e.g. no sparse kernel for this dtype: that path cannot run
+                    continue
+            report[name][batch] = timings
+            conv.paths[batch] = choose_path(timings)
+        if "sparse" not in conv.paths.values():
+            conv.sparse_weight = None  # not used: do not keep the copy
+    return report
