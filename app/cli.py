@@ -9,7 +9,7 @@ import sys
 
 import uvicorn
 
-from app.registry import Registry
+from app.registry import Registry, resident_memory_bytes
 from app.settings import Settings
 
 
@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"prune-serve: models not servable: {registry.error}", file=sys.stderr)
             return 1
         for v in registry.variants:
-            print(f"{v.name:>24}  keep {v.keep:<5g} acc {v.test_acc_mean:6.2f}%  {v.bytes:>10,} B  "
-                  f"batch-1 p50 {v.latency[1]['p50_ms']:.2f} ms")
+            print(f"{v.name:>24}  {v.granularity:<7} keep {v.keep:<5g} acc {v.test_acc_mean:6.2f}%  "
+                  f"{v.bytes:>10,} B on disk  {v.net.nbytes():>10,} B in memory  "
+                  f"batch-1 p50 {v.latency[1]['p50_ms']:.2f} ms  paths {v.net.path_summary()}")
+        rss = resident_memory_bytes()
+        print(f"{len(registry.variants)} variants, precision {registry.precision}, "
+              f"process RSS {rss / 2**20:.0f} MiB" if rss else "")
         return 0
 
     # Settings are read from the environment inside every worker: pass the flags on that way.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 import threading
 import time
@@ -101,6 +102,12 @@ class Registry:
             log.error("models cannot be served: %s", exc)
 
     def _load_manifest(self) -> None:
+        if not self.models_dir.exists():
+            raise ModelsError(f"{self.models_dir}: models directory does not exist (set MODELS_DIR)")
+        if not self.models_dir.is_dir():
+            raise ModelsError(f"{self.models_dir}: MODELS_DIR is not a directory")
+        if not os.access(self.models_dir, os.R_OK | os.X_OK):
+            raise ModelsError(f"{self.models_dir}: models directory is not readable (permission denied)")
         path = self.models_dir / "manifest.json"
         try:
             self.manifest = json.loads(path.read_text())

@@ -162,7 +162,8 @@ def test_same_seed_same_numbers(image_folder: Path, tmp_path: Path) -> None:
     def run(tag: str) -> dict:
         args = ["--data", str(image_folder), "--out", str(tmp_path / tag), "--work-dir", str(tmp_path / f"w{tag}"),
                 "--seeds", "1", "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
-                "--val-size", "3", "--keeps", "0.3", "--finetune-steps", "0", "--calib-images", "8", "--no-bf16"]
+                "--val-size", "3", "--keeps", "0.3", "--finetune-steps", "0", "--calib-images", "8", "--no-bf16",
+                "--channel-keeps", "0.5", "--channel-finetune-steps", "2"]
         assert prune_train(args) == 0
         return json.loads((tmp_path / tag / "manifest.json").read_text())
 
@@ -179,7 +180,8 @@ def test_summary_quotes_the_manifest(image_folder: Path, tmp_path: Path) -> None
     out = tmp_path / "models"
     args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(tmp_path / "runs"), "--seeds", "1",
             "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8", "--val-size", "3",
-            "--keeps", "0.3", "0.1", "0.05", "--finetune-steps", "1", "--calib-images", "8", "--no-bf16"]
+            "--keeps", "0.3", "0.1", "0.05", "--finetune-steps", "1", "--calib-images", "8", "--no-bf16",
+            "--channel-keeps"]  # none
     assert prune_train(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     summary = (out / "summary.md").read_text()

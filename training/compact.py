@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -83,7 +84,9 @@ class CompactConv(nn.Module):
 
     def enable_sparse(self) -> None:
         if self.sparse_weight is None:
-            self.sparse_weight = self.weight.detach().flatten(1).to_sparse_csr()
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": measured, not assumed
+                warnings.simplefilter("ignore", UserWarning)
+                self.sparse_weight = self.weight.detach().flatten(1).to_sparse_csr()
 
 
 class CompactNet(nn.Module):

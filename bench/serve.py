@@ -6,7 +6,7 @@
 2. Micro-batching: 32 concurrent clients sending one image per request, against a server with
    MAX_BATCH=64 and one with MAX_BATCH=1 (batching off); prints images/s and the ratio.
 
-    python bench/serve_bench.py --data ../shared/data/cifar10-jpeg.tar.gz --models-dir models
+    prune-bench serve --data ../shared/data/cifar10-jpeg.tar.gz --models-dir models
 
 It starts its own servers with `prune-serve` on 127.0.0.1 (ports --port and --port+1).
 """
@@ -71,7 +71,8 @@ async def wait_ready(url: str, timeout: float = 300) -> None:
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
-async def served_accuracy(url: str, keep: float, images: list[tuple[bytes, int]], per_request: int = 50,
+async def served_accuracy(url: str, keep: float, images: list[tuple[bytes, int]], granularity: str = "weight",
+                          per_request: int = 50,
                           concurrency: int = 4) -> float:
     correct = 0
     queue = [images[i:i + per_request] for i in range(0, len(images), per_request)]
@@ -81,7 +82,8 @@ async def served_accuracy(url: str, keep: float, images: list[tuple[bytes, int]]
             while queue:
                 chunk = queue.pop()
                 files = [("files", (f"{i}.jpg", data, "image/jpeg")) for i, (data, _) in enumerate(chunk)]
-                r = await client.post(f"{url}/predict", params={"keep": keep, "top_k": 1}, files=files)
+                r = await client.post(f"{url}/predict", params={"keep": keep, "top_k": 1,
+                                                                 "granularity": granularity}, files=files)
                 r.raise_for_status()
                 correct += sum(p["index"] == label for p, (_, label) in zip(r.json()["predictions"], chunk))
         await asyncio.gather(*[worker() for _ in range(concurrency)])
@@ -164,7 +166,7 @@ async def main_async(args: argparse.Namespace) -> int:
         for variant in manifest["variants"]:
             if variant["keep"] not in keeps:
                 continue
-            served = await served_accuracy(url, variant["keep"], images)
+            served = await served_accuracy(url, variant["keep"], images, variant.get("granularity", "weight"))
             expected = variant["test_acc_per_seed"][release]
             worst = max(worst, abs(served - expected))
             print(f"| {variant['name']} | {variant['keep']:g} | {served:.2f} | {expected:.2f} | "
@@ -202,8 +204,9 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="prune-bench serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="cifar10-jpeg.tar.gz or an ImageFolder root with test/")
     p.add_argument("--models-dir", default="models")
     p.add_argument("--port", type=int, default=8765)
@@ -212,7 +215,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--throughput-keep", type=float, default=1.0)
     p.add_argument("--skip-accuracy", action="store_true", help="only the micro-batching measurement")
-    return asyncio.run(main_async(p.parse_args()))
+    return asyncio.run(main_async(p.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""`prune-bench`: benchmarks (not tests). Each prints ratios measured in one run.
+
+    prune-bench speed   variants vs dense PyTorch and dense ONNX Runtime, size, per-layer paths (default)
+    prune-bench load    load/soak over HTTP: errors, latency percentiles, images/s, server RSS
+    prune-bench serve   served accuracy over HTTP and the micro-batching ratio
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = ("speed", "load", "serve")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "speed"
+    if command == "load":
+        from bench.load import main as run
+    elif command == "serve":
+        from bench.serve import main as run
+    else:
+        from bench.speed import main as run
+    return run(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

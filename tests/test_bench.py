@@ -1,0 +1,51 @@
+"""The benchmark commands run end to end on tiny models (their numbers are not asserted: benchmarks
+are not tests; that they run, and report what they measured, is)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main as prune_bench
+from tests.conftest import build_models_dir
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    return build_models_dir(tmp_path / "models")
+
+
+def test_speed_reports_every_variant_against_dense_and_onnx_runtime(models_dir: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "speed.json"
+    assert prune_bench(["speed", "--models-dir", str(models_dir), "--repeats", "1", "--seconds", "0.01",
+                        "--threads", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert [row["name"] for row in result["variants"]] == ["dense", "gate-keep0.50", "gate-keep0.10",
+                                                          "channel-keep0.50"]
+    for row in result["variants"]:
+        assert row["max_abs_diff"] < 1e-4  # the execution path equals the masked model
+        assert set(row["images_per_s"]) == {"1", "8", "64"} and row["vs_onnx"] is not None
+        assert f"| {row['name']} |" in text
+    assert result["service_rss_bytes"] > 0
+    assert "Goals (this run):" in text and "ONNX Runtime" in text
+
+
+def test_load_soak_and_overload_pass_on_a_tiny_service(models_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.live import free_port
+
+    assert prune_bench(["load", "--models-dir", str(models_dir), "--requests", "120", "--clients", "8",
+                        "--overload-seconds", "2", "--overload-clients", "24", "--overload-queue-size", "4",
+                        "--port", str(free_port()), "--ready-timeout", "60"]) == 0
+    text = capsys.readouterr().out
+    assert "120 of 120 requests" in text and "errors: 0" in text and "recovered: True" in text
+    assert "PASS" in text
+
+
+def test_load_refuses_a_non_loopback_target(capsys: pytest.CaptureFixture) -> None:
+    assert prune_bench(["load", "--url", "http://example.com:8000"]) == 2
+    assert "loopback" in capsys.readouterr().err
