@@ -189,7 +189,7 @@ def render(result: dict) -> str:
             vs_onnx = f"{row['vs_onnx'][b]:.2f}" if row["vs_onnx"] else "-"
             line += f" {row['images_per_s'][b]:.0f} | {row['vs_torch'][b]:.2f} | {vs_onnx} |"
         out.append(line + f" {row['max_abs_diff']:.1e} |")
-    out += ["", "Execution per layer (channels computed / dense; D dense conv, S sparse CSR GEMM, per batch size):",
+    out += ["", "Execution per layer (channels computed; per batch size: D dense conv, S CSR GEMM, X direct sparse):",
             "", "| variant | channels per conv | paths | in memory |", "|---|---|---|---|"]
     for row in result["variants"]:
         channels = " ".join(layer["channels"].split("/")[0] for layer in row["layers"])

@@ -30,14 +30,15 @@ def _with_bn_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _all_paths(net: CompactNet, path: str) -> None:
     for conv in net.convs:
-        if path == "sparse":
+        if path != "dense":
             conv.enable_sparse()
+            assert path in conv.available_paths()
         conv.paths = {b: path for b in BATCH_BUCKETS}
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.5, 0.2, 0.05, 0.01])
-@pytest.mark.parametrize("path", ["dense", "sparse"])
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("path", ["dense", "sparse", "direct"])
+@pytest.mark.parametrize("batch", [1, 3, 8])
 def test_weight_variants_equal_the_masked_model(keep: float, path: str, batch: int) -> None:
     model = _with_bn_statistics(tiny_model(3))
     if keep < 1.0:
@@ -103,6 +104,35 @@ def test_a_fully_emptied_layer_still_runs() -> None:
     assert torch.allclose(net(x), model(x), atol=TOL, rtol=0)
 
 
+def test_direct_kernel_equals_conv2d_for_any_layout_and_dtype() -> None:
+    from training.sparse_kernels import DirectSparseConv
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, 3, 3, generator=generator) * (torch.rand(6, 5, 3, 3, generator=generator) < 0.2)
+    weight[2] = 0  # an empty row: the output is the bias
+    bias = torch.randn(6, generator=generator)
+    kernel = DirectSparseConv(weight, bias)
+    for batch in (1, 2, 7):
+        x = torch.randn(batch, 5, 6, 4, generator=generator)  # non-square on purpose
+        expected = torch.nn.functional.conv2d(x, weight, bias, padding=1)
+        assert torch.allclose(kernel(x), expected, atol=1e-5)
+        assert torch.allclose(kernel(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+        assert kernel(x.bfloat16()).dtype == torch.bfloat16
+    assert kernel.values.size == int(torch.count_nonzero(weight))
+
+
+def test_mixed_paths_per_layer_equal_the_masked_model() -> None:
+    model = _with_bn_statistics(tiny_model(12), seed=4)
+    prune(model, "gate_magnitude", 0.1)
+    net = compact(model)
+    for i, conv in enumerate(net.convs):
+        conv.enable_sparse()
+        conv.paths = {b: ("dense", "sparse", "direct")[(i + b) % 3] for b in BATCH_BUCKETS}
+    for batch in (1, 5, 30):
+        x = torch.randn(batch, 3, 32, 32)
+        assert torch.allclose(net(x), model(x), atol=TOL, rtol=0)
+
+
 def test_compact_round_trips_through_a_checkpoint(tmp_path) -> None:
     model = _with_bn_statistics(tiny_model(8))
     prune(model, "gate_magnitude", 0.1)
@@ -130,11 +160,12 @@ def test_compact_is_smaller_when_channels_go() -> None:
 
 
 # -- the dense/sparse decision, with injected timings -----------------------------------------------
-def test_choose_path_prefers_dense_unless_sparse_clearly_wins() -> None:
+def test_choose_path_prefers_dense_unless_a_sparse_path_clearly_wins() -> None:
     assert choose_path({"dense": 1.0, "sparse": 0.5}) == "sparse"
-    assert choose_path({"dense": 1.0, "sparse": 0.95}) == "dense"  # within the noise margin
+    assert choose_path({"dense": 1.0, "sparse": 0.5, "direct": 0.3}) == "direct"
+    assert choose_path({"dense": 1.0, "sparse": 0.95, "direct": 0.97}) == "dense"  # within the noise margin
     assert choose_path({"dense": 1.0, "sparse": 2.0}) == "dense"
-    assert choose_path({"dense": 1.0}) == "dense"  # sparse failed to run
+    assert choose_path({"dense": 1.0}) == "dense"  # sparse paths failed to run or are unavailable
     assert choose_path({}) == "dense"
 
 
@@ -142,9 +173,11 @@ def test_calibrate_sets_paths_per_layer_and_batch_from_measured_timings() -> Non
     model = tiny_model(10)
     prune(model, "gate", 0.05)
     net = compact(model)
+    # per bucket: direct wins at batch 1, CSR at batch 8, dense at batch 64; nothing is timed for real
+    timings = {1: {"dense": 1.0, "sparse": 0.8, "direct": 0.5}, 8: {"dense": 1.0, "sparse": 0.6, "direct": 0.7},
+               64: {"dense": 1.0, "sparse": 3.0, "direct": 1.2}}
+    sequence = [timings[b][p] for b in BATCH_BUCKETS for p in ("dense", "sparse", "direct")]
     calls: list[float] = []
-    timings = {1: {"dense": 1.0, "sparse": 0.5}, 8: {"dense": 1.0, "sparse": 1.5}, 64: {"dense": 1.0, "sparse": 3.0}}
-    sequence = [timings[b][p] for b in BATCH_BUCKETS for p in ("dense", "sparse")]
 
     def injected(fn) -> float:
         fn()  # the path must really run
@@ -154,8 +187,10 @@ def test_calibrate_sets_paths_per_layer_and_batch_from_measured_timings() -> Non
 
     report = calibrate(net, timer=injected, max_density=1.0)
     for conv, name in zip(net.convs, net.layer_names):
-        assert conv.paths == {1: "sparse", 8: "dense", 64: "dense"}
-        assert report[name][1] == {"dense": 1.0, "sparse": 0.5}
+        assert conv.paths == {1: "direct", 8: "sparse", 64: "dense"}
+        assert report[name][1] == timings[1]
+        assert conv.sparse_weight is not None and conv.direct is not None  # both are in use
+    assert net.path_summary() == "b1: XXXXXXX | b8: SSSSSSS | b64: DDDDDDD"
     x = torch.randn(1, 3, 32, 32)
     assert torch.allclose(net(x), model(x), atol=TOL, rtol=0)
 
@@ -164,7 +199,7 @@ def test_calibrate_skips_dense_layers_and_frees_unused_sparse_copies() -> None:
     net = compact(tiny_model(11))  # keep 1.0: nothing is sparse enough to try
     report = calibrate(net, timer=lambda fn: 1.0)
     assert all(not layer for layer in report.values())
-    assert all(conv.paths == {} and conv.sparse_weight is None for conv in net.convs)
+    assert all(conv.paths == {} and conv.sparse_weight is None and conv.direct is None for conv in net.convs)
 
 
 def test_bucket_is_nearest_on_a_log_scale() -> None:

@@ -15,9 +15,11 @@ GatedNet into a CompactNet that does less work and computes the same function (t
                bias. Then it goes too.
    Weight-granularity pruning empties many channels at high sparsity; channel-granularity
    pruning (training/prune.py) empties them by design, so its variants run as narrower dense nets.
-3. Per layer and batch size, the convolution runs dense (oneDNN on the compacted weight) or as a
-   CSR sparse GEMM over unfolded patches, whichever ``calibrate`` measured faster. Sparse is only
-   tried where the compacted weight is sparse enough to have a chance (``SPARSE_MAX_DENSITY``).
+3. Per layer and batch size, the convolution runs dense (oneDNN on the compacted weight), as a
+   CSR sparse GEMM over unfolded patches ("sparse"), or as a direct sparse convolution that only
+   touches the surviving weights ("direct", training/sparse_kernels.py), whichever ``calibrate``
+   measured fastest. Sparse paths are only tried where the compacted weight is sparse enough to
+   have a chance (``SPARSE_MAX_DENSITY``).
 
 The bias maps depend on the input size, so a CompactNet is built for one (32×32 by default).
 """
@@ -34,14 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training import sparse_kernels
 from training.model import GatedNet
+from training.sparse_kernels import DirectSparseConv
 
-PATHS = ("dense", "sparse")
+PATHS = ("dense", "sparse", "direct")
 BATCH_BUCKETS = (1, 8, 64)
 # Above this share of nonzero weights a CSR GEMM over unfolded patches never beat oneDNN's dense
 # conv on the machines we measured (the unfold and layout copies cost more than the zeros save).
 SPARSE_MAX_DENSITY = 0.3
-# Sparse must beat dense by this factor to be chosen: timings are noisy, dense is the safe default.
+# A sparse path must beat dense by this factor to be chosen: timings are noisy, dense is the safe default.
 SPARSE_MARGIN = 0.9
 
 
@@ -57,14 +61,17 @@ class CompactConv(nn.Module):
         self.pool = pool
         self.register_buffer("pool_scale", pool_scale.view(1, -1, 1, 1) if pool else None)
         self.register_buffer("pool_shift", pool_shift.view(1, -1, 1, 1) if pool else None)
-        self.sparse_weight: Tensor | None = None  # CSR [out, in·k·k], built when a bucket chooses it
-        self.paths: dict[int, str] = {}  # batch bucket → "dense" | "sparse"; unset buckets run dense
+        self.sparse_weight: Tensor | None = None  # CSR [out, in·k·k], kept only if a bucket chooses it
+        self.direct: DirectSparseConv | None = None  # the same for the direct kernel
+        self.paths: dict[int, str] = {}  # batch bucket → one of PATHS; unset buckets run dense
 
     @property
     def density(self) -> float:
         return float(torch.count_nonzero(self.weight)) / max(1, self.weight.numel())
 
     def conv(self, x: Tensor, path: str) -> Tensor:
+        if path == "direct" and self.direct is not None:
+            return self.direct(x)
         if path == "sparse" and self.sparse_weight is not None:
             n, _, h, w = x.shape
             patches = F.unfold(x, self.weight.shape[-1], padding=self.weight.shape[-1] // 2)  # [N, in·9, HW]
@@ -83,10 +90,23 @@ class CompactConv(nn.Module):
         return F.gelu(y)
 
     def enable_sparse(self) -> None:
+        """Build the sparse paths' weight structures (the direct one only where numba is installed)."""
         if self.sparse_weight is None:
             with warnings.catch_warnings():  # "sparse CSR support is in beta": measured, not assumed
                 warnings.simplefilter("ignore", UserWarning)
                 self.sparse_weight = self.weight.detach().flatten(1).to_sparse_csr()
+        if self.direct is None and sparse_kernels.AVAILABLE:
+            self.direct = DirectSparseConv(self.weight, self.bias)
+
+    def available_paths(self) -> list[str]:
+        return ["dense"] + ["sparse"] * (self.sparse_weight is not None) + ["direct"] * (self.direct is not None)
+
+    def drop_unused_paths(self) -> None:
+        used = set(self.paths.values())
+        if "sparse" not in used:
+            self.sparse_weight = None
+        if "direct" not in used:
+            self.direct = None
 
 
 class CompactNet(nn.Module):
@@ -125,8 +145,9 @@ class CompactNet(nn.Module):
                 for name, conv, dense in zip(self.layer_names, self.convs, self.dense_channels)]
 
     def path_summary(self) -> str:
-        """One token per layer, e.g. 'D D S D ...' (D dense, S sparse) for each bucket."""
-        return " | ".join(f"b{b}: " + "".join("S" if c.paths.get(b) == "sparse" else "D" for c in self.convs)
+        """One letter per layer for each bucket: D dense, S CSR GEMM, X direct sparse, e.g. 'b1: DDDDXXS'."""
+        letters = {"dense": "D", "sparse": "S", "direct": "X"}
+        return " | ".join(f"b{b}: " + "".join(letters[c.paths.get(b, "dense")] for c in self.convs)
                           for b in BATCH_BUCKETS)
 
     def nbytes(self) -> int:
@@ -136,6 +157,8 @@ class CompactNet(nn.Module):
             if conv.sparse_weight is not None:
                 sw = conv.sparse_weight
                 total += sum(t.numel() * t.element_size() for t in (sw.values(), sw.crow_indices(), sw.col_indices()))
+            if conv.direct is not None:
+                total += conv.direct.nbytes()
         return total
 
 
@@ -207,9 +230,11 @@ def compact(model: GatedNet, input_hw: tuple[int, int] = (32, 32)) -> CompactNet
 # Choosing dense or sparse per layer and batch size
 # ---------------------------------------------------------------------------------------------
 def choose_path(timings: dict[str, float], margin: float = SPARSE_MARGIN) -> str:
-    """Dense unless sparse was measured faster by the margin (missing or failed timings lose)."""
-    dense, sparse = timings.get("dense", math.inf), timings.get("sparse", math.inf)
-    return "sparse" if sparse < dense * margin else "dense"
+    """Dense unless the fastest sparse path was measured faster by the margin (missing or failed
+    timings lose)."""
+    dense = timings.get("dense", math.inf)
+    best = min((p for p in PATHS if p != "dense"), key=lambda p: timings.get(p, math.inf))
+    return best if timings.get(best, math.inf) < dense * margin else "dense"
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
@@ -229,6 +254,7 @@ def calibrate(net: CompactNet, buckets: Iterable[int] = BATCH_BUCKETS,
     """Measure each layer's candidate paths at each batch bucket and set ``paths``; returns the
     timings (layer → bucket → path → seconds). ``timer`` is injectable so tests need no clock."""
     report: dict[str, dict[int, dict[str, float]]] = {}
+    sparse_kernels.set_threads(torch.get_num_threads())
     hw = net.input_hw
     dtype = net.head_weight.dtype
     for name, conv in zip(net.layer_names, net.convs):
@@ -243,13 +269,12 @@ def calibrate(net: CompactNet, buckets: Iterable[int] = BATCH_BUCKETS,
             x = torch.randn(batch, conv.weight.shape[1], *in_hw, dtype=dtype).contiguous(
                 memory_format=torch.channels_last)
             timings = {}
-            for path in PATHS:
+            for path in conv.available_paths():
                 try:
                     timings[path] = timer(lambda c=conv, x=x, p=path: c.conv(x, p))
-                except RuntimeError:  # e.g. no sparse kernel for this dtype: that path cannot run
+                except (RuntimeError, TypeError):  # e.g. no sparse kernel for this dtype: path unavailable
                     continue
             report[name][batch] = timings
             conv.paths[batch] = choose_path(timings)
-        if "sparse" not in conv.paths.values():
-            conv.sparse_weight = None  # not used: do not keep the copy
+        conv.drop_unused_paths()  # do not keep copies nobody uses
     return report

@@ -71,7 +71,7 @@ def plot_tradeoff(table: list[dict], path: Path | BinaryIO, latency_ms: dict[flo
         twin.set_ylabel("latency at batch 1 (ms)")
         twin.set_ylim(bottom=0)
         twin.legend(loc="lower right", fontsize=7)
-    fig.suptitle("Gated CNN on CIFAR-10: accuracy vs sparsity (global top-K pruning)")
+    fig.suptitle("Gated CNN on CIFAR-10: accuracy vs sparsity (global top-K weights; channel: top-K channels per conv)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -88,11 +88,11 @@ def write_summary(manifest: dict, out: Path) -> str:
     by = {(r["criterion"], r["keep"], r["finetuned"]): r for r in table}
     dense = by[("dense", 1.0, False)]
     lines = ["### Shipped variants (release seed's checkpoints; test accuracy = mean ± std over seeds)", "",
-             "| variant | keep | sparsity | nonzero / total params | checkpoint bytes | fine-tuned | test acc % "
-             "| drop |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | granularity | keep | sparsity | nonzero / total params | checkpoint bytes | fine-tuned "
+             "| test acc % | drop |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for v in manifest["variants"]:
-        lines.append(f"| {v['name']} | {v['keep']:g} | {v['sparsity'] * 100:.0f}% | "
+        lines.append(f"| {v['name']} | {v.get('granularity', 'weight')} | {v['keep']:g} | {v['sparsity'] * 100:.0f}% | "
                      f"{v['params']['nonzero']:,} / {v['params']['total']:,} | {v['bytes']:,}"
                      f"{' (mask over dense.safetensors)' if v.get('base') else ''} | "
                      f"{'yes' if v['finetuned'] else 'no'} | {v['test_acc_mean']:.2f} ± {v['test_acc_std']:.2f} | "
@@ -102,13 +102,20 @@ def write_summary(manifest: dict, out: Path) -> str:
     lines += ["", "### Criteria on the same trained models (test acc %, mean ± std over seeds)", "",
               "| keep | " + " | ".join(criteria) + " | " + " | ".join(f"{c} + fine-tune" for c in tuned) + " |",
               "|---" * (1 + len(criteria) + len(tuned)) + "|"]
-    for keep in sorted({r["keep"] for r in table if r["keep"] < 1.0}, reverse=True):
+    for keep in sorted({r["keep"] for r in table if r["keep"] < 1.0 and r["criterion"] in criteria}, reverse=True):
         cells = [_cell(by.get((c, keep, False))) for c in criteria] + [_cell(by.get((c, keep, True))) for c in tuned]
         lines.append(f"| {keep:g} | " + " | ".join(cells) + " |")
+    channel = sorted((r for r in table if r["criterion"] == "channel"), key=lambda r: -r["keep"])
+    if channel:
+        lines += ["", "### Channel granularity (every conv keeps this share of its channels; masked fine-tune)", "",
+                  "| channels kept | weight sparsity | nonzero params | test acc % | drop |", "|---|---|---|---|---|"]
+        lines += [f"| {r['keep']:g} | {r['sparsity'] * 100:.1f}% | {r['nonzero']:,} | {_cell(r)} | {r['drop']:+.2f} |"
+                  for r in channel]
     lines += ["", f"Dense: {_cell(dense)} % over {len(dense['test_acc_per_seed'])} seeds "
                   f"({', '.join(f'{a:.2f}' for a in dense['test_acc_per_seed'])}).", ""]
     for keep, goal in ((0.3, 0.3), (0.1, 1.0), (0.05, 2.5)):
-        candidates = [r for r in table if r["keep"] == keep and r["criterion"] != "random"]
+        candidates = [r for r in table if r["keep"] == keep and r["criterion"] in ("gate", "gate_magnitude",
+                                                                                    "magnitude")]
         if candidates:
             best = min(candidates, key=lambda r: r["drop"])
             drop = round(best["drop"], 2)  # judged at the precision it is reported
