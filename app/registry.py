@@ -62,6 +62,7 @@ class Variant:
             "test_acc_std": self.test_acc_std, "test_acc_per_seed": self.test_acc_per_seed, "drop": self.drop,
             "latency": {f"batch_{b}": v for b, v in sorted(self.latency.items())},
             "resident_bytes": self.net.nbytes(), "execution": self.net.describe(),
+            "backends": self.net.backend_summary(),
         }
 
 

@@ -71,8 +71,11 @@ class VariantRow(BaseModel):
     drop: float = Field(description="accuracy points lost vs dense (mean over seeds)")
     latency: dict[str, Latency] = Field(description="measured by this process at start-up: batch_1, batch_8, "
                                                     "batch_64, on the execution path below")
-    resident_bytes: int = Field(description="bytes of tensors this variant's compact network holds in memory")
+    resident_bytes: int = Field(description="bytes this variant's compact network holds in memory (weights, "
+                                            "sparse structures, ONNX graph)")
     execution: list[LayerExecution]
+    backends: dict[str, str] = Field(description="per batch size: torch (with the per-layer paths) or onnxruntime, "
+                                                 "whichever was measured faster here")
 
 
 class VariantsResponse(BaseModel):

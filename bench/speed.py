@@ -57,10 +57,9 @@ def onnx_runner(model: GatedNet, threads: int) -> Runner | None:
         warnings.simplefilter("ignore")
         path = Path(tmp) / "dense.onnx"
         example = torch.randn(2, 3, 32, 32)
-        program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
-                                    dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
-        program.save(str(path))
-        options = ort.SessionOptions()
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        options = ort.SessionOptions()  # ONNX Runtime's defaults otherwise (thread spinning on: its best case)
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -70,7 +69,7 @@ def onnx_runner(model: GatedNet, threads: int) -> Runner | None:
     got = torch.from_numpy(session.run(None, {name: example.numpy()})[0])
     if not torch.allclose(got, reference, atol=1e-4):
         raise RuntimeError(f"ONNX Runtime output differs from PyTorch by {(got - reference).abs().max():.2e}")
-    return lambda x: session.run(None, {name: x.numpy()})
+    return lambda x: session.run(None, {name: x.contiguous().numpy()})
 
 
 def dense_checkpoint_bytes(model: GatedNet) -> int:

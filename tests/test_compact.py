@@ -185,7 +185,7 @@ def test_calibrate_sets_paths_per_layer_and_batch_from_measured_timings() -> Non
         calls.append(value)
         return value
 
-    report = calibrate(net, timer=injected, max_density=1.0)
+    report = calibrate(net, timer=injected, max_density=1.0, onnx=False)
     for conv, name in zip(net.convs, net.layer_names):
         assert conv.paths == {1: "direct", 8: "sparse", 64: "dense"}
         assert report[name][1] == timings[1]
@@ -197,9 +197,38 @@ def test_calibrate_sets_paths_per_layer_and_batch_from_measured_timings() -> Non
 
 def test_calibrate_skips_dense_layers_and_frees_unused_sparse_copies() -> None:
     net = compact(tiny_model(11))  # keep 1.0: nothing is sparse enough to try
-    report = calibrate(net, timer=lambda fn: 1.0)
+    report = calibrate(net, timer=lambda fn: 1.0, onnx=False)
     assert all(not layer for layer in report.values())
     assert all(conv.paths == {} and conv.sparse_weight is None and conv.direct is None for conv in net.convs)
+
+
+def test_onnx_runtime_backend_is_chosen_per_batch_size_from_timings_and_matches() -> None:
+    pytest.importorskip("onnxruntime")
+    model = _with_bn_statistics(tiny_model(13), seed=5)
+    prune_channels(model, 0.5)
+    net = compact(model)
+    # layers are not timed (max_density=0); the network: ORT wins at 1, loses at 8, ties (→ torch) at 64
+    sequence = iter([2.0, 1.0, 1.0, 1.5, 1.0, 0.98])
+
+    def injected(fn) -> float:
+        fn()
+        return next(sequence)
+
+    report = calibrate(net, timer=injected, max_density=0.0)
+    assert report["network"][1] == {"torch": 2.0, "onnxruntime": 1.0}
+    assert net.backends == {1: "onnxruntime", 8: "torch", 64: "torch"}
+    assert net.path_summary().startswith("b1: ORT | b8: DDDDDDD")
+    assert net.backend_summary() == {"batch_1": "onnxruntime", "batch_8": "torch", "batch_64": "torch"}
+    for batch in (1, 2, 9):  # buckets 1 and 8: both backends equal the masked model
+        x = torch.randn(batch, 3, 32, 32)
+        assert torch.allclose(net(x), model(x), atol=TOL, rtol=0)
+
+
+def test_unused_onnx_session_is_dropped() -> None:
+    pytest.importorskip("onnxruntime")
+    net = compact(tiny_model(14))
+    calibrate(net, timer=lambda fn: (fn(), 1.0)[1], max_density=0.0)  # a tie everywhere: torch
+    assert net.backends == {1: "torch", 8: "torch", 64: "torch"} and net.onnx_session is None
 
 
 def test_bucket_is_nearest_on_a_log_scale() -> None:

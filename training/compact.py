@@ -20,12 +20,17 @@ GatedNet into a CompactNet that does less work and computes the same function (t
    touches the surviving weights ("direct", training/sparse_kernels.py), whichever ``calibrate``
    measured fastest. Sparse paths are only tried where the compacted weight is sparse enough to
    have a chance (``SPARSE_MAX_DENSITY``).
+4. Per batch size, the whole network runs in PyTorch (with those per-layer paths) or, where
+   onnxruntime is installed and was measured faster, as an ONNX graph of the compacted dense
+   network in ONNX Runtime (built in memory; its outputs are checked against PyTorch's first).
 
 The bias maps depend on the input size, so a CompactNet is built for one (32×32 by default).
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import math
 import statistics
 import time
@@ -41,6 +46,7 @@ from training.model import GatedNet
 from training.sparse_kernels import DirectSparseConv
 
 PATHS = ("dense", "sparse", "direct")
+BACKENDS = ("torch", "onnxruntime")
 BATCH_BUCKETS = (1, 8, 64)
 # Above this share of nonzero weights a CSR GEMM over unfolded patches never beat oneDNN's dense
 # conv on the machines we measured (the unfold and layout copies cost more than the zeros save).
@@ -122,6 +128,8 @@ class CompactNet(nn.Module):
         self.input_hw = input_hw
         self.layer_names = layer_names
         self.dense_channels = dense_channels  # output channels of each conv before compaction
+        self.backends: dict[int, str] = {}  # batch bucket → "torch" | "onnxruntime"; unset: torch
+        self.onnx_session: OnnxSession | None = None
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -131,10 +139,16 @@ class CompactNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if tuple(x.shape[-2:]) != self.input_hw:
             raise ValueError(f"this compact network was built for {self.input_hw} inputs, got {tuple(x.shape[-2:])}")
-        x = x.to(self.head_weight.dtype)
         bucket = self.bucket(x.shape[0])
+        if self.backends.get(bucket) == "onnxruntime" and self.onnx_session is not None:
+            return self.onnx_session(x)
+        return self.torch_forward(x, bucket)
+
+    def torch_forward(self, x: Tensor, bucket: int | None = None) -> Tensor:
+        """The PyTorch backend; ``bucket=None`` runs every layer dense (what the ONNX export traces)."""
+        x = x.to(self.head_weight.dtype)
         for conv in self.convs:
-            x = conv(x, conv.paths.get(bucket, "dense"))
+            x = conv(x, "dense" if bucket is None else conv.paths.get(bucket, "dense"))
         x = torch.amax(x, dim=(2, 3))
         return F.linear(x, self.head_weight, self.head_bias) * self.logit_scale
 
@@ -145,10 +159,15 @@ class CompactNet(nn.Module):
                 for name, conv, dense in zip(self.layer_names, self.convs, self.dense_channels)]
 
     def path_summary(self) -> str:
-        """One letter per layer for each bucket: D dense, S CSR GEMM, X direct sparse, e.g. 'b1: DDDDXXS'."""
+        """Per bucket: 'ORT' (ONNX Runtime) or one letter per layer: D dense, S CSR GEMM, X direct sparse,
+        e.g. 'b1: ORT | b8: DDDDXXX | b64: DDDDDDX'."""
         letters = {"dense": "D", "sparse": "S", "direct": "X"}
-        return " | ".join(f"b{b}: " + "".join(letters[c.paths.get(b, "dense")] for c in self.convs)
+        return " | ".join(f"b{b}: " + ("ORT" if self.backends.get(b) == "onnxruntime" else
+                                       "".join(letters[c.paths.get(b, "dense")] for c in self.convs))
                           for b in BATCH_BUCKETS)
+
+    def backend_summary(self) -> dict[str, str]:
+        return {f"batch_{b}": self.backends.get(b, "torch") for b in BATCH_BUCKETS}
 
     def nbytes(self) -> int:
         """Bytes of tensors this network holds (weights, bias maps, sparse copies)."""
@@ -159,6 +178,8 @@ class CompactNet(nn.Module):
                 total += sum(t.numel() * t.element_size() for t in (sw.values(), sw.crow_indices(), sw.col_indices()))
             if conv.direct is not None:
                 total += conv.direct.nbytes()
+        if self.onnx_session is not None:
+            total += self.onnx_session.nbytes
         return total
 
 
@@ -227,6 +248,61 @@ def compact(model: GatedNet, input_hw: tuple[int, int] = (32, 32)) -> CompactNet
 
 
 # ---------------------------------------------------------------------------------------------
+# ONNX Runtime backend
+# ---------------------------------------------------------------------------------------------
+class _DenseGraph(nn.Module):
+    """What is exported: the compact network with every layer on its dense path, in float32."""
+
+    def __init__(self, net: CompactNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.torch_forward(x)
+
+
+class OnnxSession:
+    """The compact network as an in-memory ONNX graph run by ONNX Runtime's CPU provider."""
+
+    def __init__(self, net: CompactNet, threads: int) -> None:
+        import onnxruntime as ort
+
+        graph = _DenseGraph(copy.deepcopy(net).float().eval())
+        example = torch.randn(2, 3, *net.input_hw)
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (example,), buffer, dynamo=False, input_names=["x"], output_names=["logits"],
+                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        model = buffer.getvalue()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No busy-waiting between runs: the cores are shared with PyTorch and the HTTP server.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.nbytes = len(model)
+        with torch.inference_mode():
+            expected = graph(example)
+        got = self(example)
+        if not torch.allclose(got, expected, atol=1e-4, rtol=0):
+            raise RuntimeError(f"ONNX Runtime differs from PyTorch by {(got - expected).abs().max():.2e}")
+
+    def __call__(self, x: Tensor) -> Tensor:
+        array = x.float().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {"x": array})[0])
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
 # Choosing dense or sparse per layer and batch size
 # ---------------------------------------------------------------------------------------------
 def choose_path(timings: dict[str, float], margin: float = SPARSE_MARGIN) -> str:
@@ -250,9 +326,36 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
 @torch.inference_mode()
 def calibrate(net: CompactNet, buckets: Iterable[int] = BATCH_BUCKETS,
               timer: Callable[[Callable[[], object]], float] = median_seconds,
-              max_density: float = SPARSE_MAX_DENSITY) -> dict[str, dict[int, dict[str, float]]]:
-    """Measure each layer's candidate paths at each batch bucket and set ``paths``; returns the
-    timings (layer → bucket → path → seconds). ``timer`` is injectable so tests need no clock."""
+              max_density: float = SPARSE_MAX_DENSITY, onnx: bool = True) -> dict[str, dict[int, dict[str, float]]]:
+    """Measure each layer's candidate paths at each batch bucket and set ``paths``, then the whole
+    network's backends (PyTorch vs ONNX Runtime, if installed and ``onnx``) and set ``backends``.
+    Returns the timings (layer or "network" → bucket → path or backend → seconds). ``timer`` is
+    injectable so tests need no clock."""
+    buckets = tuple(buckets)
+    report = _calibrate_layers(net, buckets, timer, max_density)
+    net.backends = {}
+    net.onnx_session = None
+    if onnx and onnxruntime_available():
+        try:
+            net.onnx_session = OnnxSession(net, torch.get_num_threads())
+        except Exception as exc:  # noqa: BLE001 - any export or runtime failure: PyTorch stays the backend
+            warnings.warn(f"ONNX Runtime backend unavailable for this network: {exc}", stacklevel=2)
+        if net.onnx_session is not None:
+            report["network"] = {}
+            for batch in buckets:
+                x = torch.randn(batch, 3, *net.input_hw).contiguous(memory_format=torch.channels_last)
+                timings = {"torch": timer(lambda x=x, b=batch: net.torch_forward(x, b)),
+                           "onnxruntime": timer(lambda x=x: net.onnx_session(x))}
+                report["network"][batch] = timings
+                better = timings["onnxruntime"] < timings["torch"] * SPARSE_MARGIN
+                net.backends[batch] = "onnxruntime" if better else "torch"
+            if "onnxruntime" not in net.backends.values():
+                net.onnx_session = None  # not used: do not keep the graph
+    return report
+
+
+def _calibrate_layers(net: CompactNet, buckets: tuple[int, ...], timer: Callable[[Callable[[], object]], float],
+                      max_density: float) -> dict[str, dict[int, dict[str, float]]]:
     report: dict[str, dict[int, dict[str, float]]] = {}
     sparse_kernels.set_threads(torch.get_num_threads())
     hw = net.input_hw
