@@ -117,6 +117,8 @@ def test_direct_kernel_equals_conv2d_for_any_layout_and_dtype() -> None:
         expected = torch.nn.functional.conv2d(x, weight, bias, padding=1)
         assert torch.allclose(kernel(x), expected, atol=1e-5)
         assert torch.allclose(kernel(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+        batch_innermost = x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)  # what the kernel returns
+        assert torch.allclose(kernel(batch_innermost), expected, atol=1e-5)
         assert kernel(x.bfloat16()).dtype == torch.bfloat16
     assert kernel.values.size == int(torch.count_nonzero(weight))
 

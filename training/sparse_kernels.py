@@ -78,8 +78,12 @@ class DirectSparseConv:
         n, _, h, w = x.shape
         pad = self.k // 2
         # [C, H+2p, W+2p, N] contiguous: every shifted input row is one contiguous run.
-        # (via NCHW: torch transposes a channels-last tensor to batch-innermost ~8x slower directly)
-        xpad = F.pad(x.float().contiguous(), (pad, pad, pad, pad)).permute(1, 2, 3, 0).contiguous().numpy().reshape(-1)
+        batch_innermost = x.permute(1, 2, 3, 0)
+        if batch_innermost.is_contiguous():  # e.g. the previous layer ran this kernel: one padded copy
+            xpad = F.pad(batch_innermost.float(), (0, 0, pad, pad, pad, pad))
+        else:  # via NCHW: torch transposes channels-last to batch-innermost ~8x slower directly
+            xpad = F.pad(x.float().contiguous(), (pad, pad, pad, pad)).permute(1, 2, 3, 0).contiguous()
+        xpad = xpad.numpy().reshape(-1)
         out = np.empty(self.out_channels * h * w * n, dtype=np.float32)
         _direct_conv(xpad, self.indptr, self.taps, self.values, self.bias, out, self.out_channels, h, w, n, self.k)
         return torch.from_numpy(out).view(self.out_channels, h, w, n).permute(3, 0, 1, 2).to(x.dtype)
