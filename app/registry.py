@@ -161,7 +161,7 @@ class Registry:
 
     def _measure(self) -> None:
         """Choose each layer's execution path, then time every variant at batch 1, 8 and 64 on this
-        machine (median of runs)."""
+        machine (median of runs). In bfloat16 only the dense paths run (see compact.calibrate)."""
         for variant in self.variants:
             calibrate(variant.net)
             for batch in LATENCY_BATCHES:

@@ -233,5 +233,15 @@ def test_unused_onnx_session_is_dropped() -> None:
     assert net.backends == {1: "torch", 8: "torch", 64: "torch"} and net.onnx_session is None
 
 
+def test_bfloat16_networks_run_dense_in_torch_only() -> None:
+    """Mixing float32 sparse paths or ONNX Runtime into a bfloat16 network would make a batch's answer
+    depend on its size; calibrate keeps bfloat16 networks on one precision."""
+    model = tiny_model(15)
+    prune(model, "gate", 0.05)
+    net = compact(model).to(torch.bfloat16)
+    calibrate(net, timer=lambda fn: (fn(), 1.0)[1], max_density=1.0)
+    assert all(conv.paths == {} for conv in net.convs) and net.backends == {} and net.onnx_session is None
+
+
 def test_bucket_is_nearest_on_a_log_scale() -> None:
     assert [CompactNet.bucket(n) for n in (1, 2, 3, 4, 8, 20, 23, 64, 500)] == [1, 1, 8, 8, 8, 8, 64, 64, 64]

@@ -324,16 +324,22 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
 @torch.inference_mode()
 def calibrate(net: CompactNet, buckets: Iterable[int] = BATCH_BUCKETS,
               timer: Callable[[Callable[[], object]], float] = median_seconds,
-              max_density: float = SPARSE_MAX_DENSITY, onnx: bool = True) -> dict[str, dict[int, dict[str, float]]]:
+              max_density: float = SPARSE_MAX_DENSITY, onnx: bool = True,
+              sparse: bool = True) -> dict[str, dict[int, dict[str, float]]]:
     """Measure each layer's candidate paths at each batch bucket and set ``paths``, then the whole
     network's backends (PyTorch vs ONNX Runtime, if installed and ``onnx``) and set ``backends``.
     Returns the timings (layer or "network" → bucket → path or backend → seconds). ``timer`` is
-    injectable so tests need no clock."""
+    injectable so tests need no clock.
+
+    Only float32 networks get the sparse paths and the ONNX Runtime backend (both compute in
+    float32): a bfloat16 network mixing them per batch size would give a batch of 8 and a batch of
+    1 answers that differ by bfloat16 rounding. ``sparse=False`` or ``onnx=False`` turn them off."""
     buckets = tuple(buckets)
-    report = _calibrate_layers(net, buckets, timer, max_density)
+    float32 = net.head_weight.dtype == torch.float32
+    report = _calibrate_layers(net, buckets, timer, max_density if sparse and float32 else -1.0)
     net.backends = {}
     net.onnx_session = None
-    if onnx and onnxruntime_available():
+    if onnx and float32 and onnxruntime_available():
         try:
             net.onnx_session = OnnxSession(net, torch.get_num_threads())
         except Exception as exc:  # noqa: BLE001 - any export or runtime failure: PyTorch stays the backend
