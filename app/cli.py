@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.check:
-        registry = Registry(args.models_dir, env.inference_precision(), probe_runs=3)
+        registry = Registry(args.models_dir, env.inference_precision(), probe_runs=3, onnx_runtime=env.onnx_runtime)
         registry.load()
         if not registry.ready:
             print(f"prune-serve: models not servable: {registry.error}", file=sys.stderr)

@@ -72,9 +72,11 @@ _REQUIRED_VARIANT_KEYS = ("name", "keep", "file", "sha256", "params", "test_acc_
 class Registry:
     """Everything loaded from one models directory."""
 
-    def __init__(self, models_dir: Path, precision: str = "fp32", probe_runs: int = 20) -> None:
+    def __init__(self, models_dir: Path, precision: str = "fp32", probe_runs: int = 20, onnx_runtime: bool = True
+                 ) -> None:
         self.models_dir = Path(models_dir)
         self.precision = precision
+        self.onnx_runtime = onnx_runtime
         self.probe_runs = probe_runs
         self.manifest: dict = {}
         self.classes: list[str] = []
@@ -163,7 +165,7 @@ class Registry:
         """Choose each layer's execution path, then time every variant at batch 1, 8 and 64 on this
         machine (median of runs). In bfloat16 only the dense paths run (see compact.calibrate)."""
         for variant in self.variants:
-            calibrate(variant.net)
+            calibrate(variant.net, onnx=self.onnx_runtime)
             for batch in LATENCY_BATCHES:
                 x = torch.randn(batch, 3, 32, 32)
                 self.forward(variant, x)  # warm-up: allocator, oneDNN primitive cache

@@ -19,7 +19,8 @@ from training.data import normalize
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = Registry(settings.models_dir, settings.inference_precision(), settings.latency_probe_runs)
+        self.registry = Registry(settings.models_dir, settings.inference_precision(), settings.latency_probe_runs,
+                                 settings.onnx_runtime)
         self.metrics = Metrics()
         # One inference thread: torch's intra-op threads already use every core we are given.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")

@@ -78,10 +78,10 @@ def dense_checkpoint_bytes(model: GatedNet) -> int:
         return checkpoint.save_pruned(model, Path(tmp) / "dense.safetensors")[0]
 
 
-def service_rss(models_dir: str, precision: str) -> int | None:
+def service_rss(models_dir: str, precision: str, onnx_runtime: bool = True) -> int | None:
     """Resident memory of a fresh process that loads every variant the way the service does."""
     code = ("import sys; from app.registry import Registry, resident_memory_bytes; "
-            f"r = Registry({models_dir!r}, {precision!r}, probe_runs=3); r.load(); "
+            f"r = Registry({models_dir!r}, {precision!r}, probe_runs=3, onnx_runtime={onnx_runtime!r}); r.load(); "
             "sys.exit(r.error) if not r.ready else print(resident_memory_bytes())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> dict:
               "dense_name": dense_entry["name"]}
     if not args.no_rss:
         result["service_rss_bytes"] = service_rss(str(models_dir), args.precision)
+        result["service_rss_bytes_without_onnx"] = service_rss(str(models_dir), args.precision, onnx_runtime=False)
     return result
 
 
@@ -227,7 +228,8 @@ def goals(result: dict) -> list[str]:
     if result.get("service_rss_bytes"):
         in_memory = sum(r["resident_bytes"] for r in rows)
         lines.append(f"- service RSS with all {len(rows)} variants loaded: {result['service_rss_bytes'] / 2**20:.0f} "
-                     f"MiB (their compact tensors: {in_memory / 2**20:.1f} MiB)")
+                     f"MiB (their compact networks: {in_memory / 2**20:.1f} MiB); with ONNX_RUNTIME=false: "
+                     f"{(result.get('service_rss_bytes_without_onnx') or 0) / 2**20:.0f} MiB")
     return lines
 
 

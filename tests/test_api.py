@@ -131,6 +131,14 @@ def test_default_and_auto_selection(models_dir: Path) -> None:
         assert c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).json()["variant"]["keep"] == 1.0
 
 
+def test_onnx_runtime_can_be_switched_off(models_dir: Path) -> None:
+    with make_client(models_dir, onnx_runtime=False) as c:
+        wait_ready(c)
+        rows = c.get("/variants").json()["variants"]
+        assert all(set(row["backends"].values()) == {"torch"} for row in rows)
+        assert c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).status_code == 200
+
+
 def test_granularity_selects_channel_variants(client: TestClient) -> None:
     def post(query: str) -> httpx.Response:
         return client.post(f"/predict?{query}", files={"files": ("a.jpg", jpeg_bytes((9, 8, 7)))})
