@@ -131,6 +131,20 @@ def test_default_and_auto_selection(models_dir: Path) -> None:
         assert c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).json()["variant"]["keep"] == 1.0
 
 
+def test_a_failing_calibration_falls_back_to_dense(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import registry as registry_module
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("kernel compiler missing")
+
+    monkeypatch.setattr(registry_module, "calibrate", broken)
+    with make_client(models_dir) as c:
+        assert wait_ready(c)["ready"] is True
+        rows = c.get("/variants").json()["variants"]
+        assert all(set(layer["paths"].values()) == {"dense"} for row in rows for layer in row["execution"])
+        assert c.post("/predict?keep=0.1", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).status_code == 200
+
+
 def test_onnx_runtime_can_be_switched_off(models_dir: Path) -> None:
     with make_client(models_dir, onnx_runtime=False) as c:
         wait_ready(c)

@@ -166,6 +166,13 @@ class CompactNet(nn.Module):
                                        "".join(letters[c.paths.get(b, "dense")] for c in self.convs))
                           for b in BATCH_BUCKETS)
 
+    def reset_paths(self) -> None:
+        """Back to plain dense PyTorch everywhere (and free the sparse and ONNX structures)."""
+        self.backends, self.onnx_session = {}, None
+        for conv in self.convs:
+            conv.paths = {}
+            conv.drop_unused_paths()
+
     def backend_summary(self) -> dict[str, str]:
         return {f"batch_{b}": self.backends.get(b, "torch") for b in BATCH_BUCKETS}
 
