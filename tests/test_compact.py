@@ -209,8 +209,8 @@ def test_onnx_runtime_backend_is_chosen_per_batch_size_from_timings_and_matches(
     model = _with_bn_statistics(tiny_model(13), seed=5)
     prune_channels(model, 0.5)
     net = compact(model)
-    # layers are not timed (max_density=0); the network: ORT wins at 1, loses at 8, ties (→ torch) at 64
-    sequence = iter([2.0, 1.0, 1.0, 1.5, 1.0, 0.98])
+    # layers are not timed (max_density=0); the network: ORT wins at 1, loses at 8; batch 64 is not tried
+    sequence = iter([2.0, 1.0, 1.0, 1.5])
 
     def injected(fn) -> float:
         fn()
@@ -218,7 +218,7 @@ def test_onnx_runtime_backend_is_chosen_per_batch_size_from_timings_and_matches(
 
     report = calibrate(net, timer=injected, max_density=0.0)
     assert report["network"][1] == {"torch": 2.0, "onnxruntime": 1.0}
-    assert net.backends == {1: "onnxruntime", 8: "torch", 64: "torch"}
+    assert net.backends == {1: "onnxruntime", 8: "torch"}
     assert net.path_summary().startswith("b1: ORT | b8: DDDDDDD")
     assert net.backend_summary() == {"batch_1": "onnxruntime", "batch_8": "torch", "batch_64": "torch"}
     for batch in (1, 2, 9):  # buckets 1 and 8: both backends equal the masked model
@@ -230,7 +230,7 @@ def test_unused_onnx_session_is_dropped() -> None:
     pytest.importorskip("onnxruntime")
     net = compact(tiny_model(14))
     calibrate(net, timer=lambda fn: (fn(), 1.0)[1], max_density=0.0)  # a tie everywhere: torch
-    assert net.backends == {1: "torch", 8: "torch", 64: "torch"} and net.onnx_session is None
+    assert net.backends == {1: "torch", 8: "torch"} and net.onnx_session is None
 
 
 def test_bfloat16_networks_run_dense_in_torch_only() -> None:
