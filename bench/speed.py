@@ -7,9 +7,9 @@ path: training/compact.py, calibrated here exactly as at service start-up), for 
 in PyTorch and for the dense network exported to ONNX and run by ONNX Runtime, the ratios, each
 layer's kept channels and path, and the largest output difference from the masked dense model.
 
-Timing: every candidate is timed for ~--seconds per measurement, --repeats times, round-robin
-(so drift hits all alike); the median is reported. Threads are pinned (--threads) for PyTorch and
-ONNX Runtime alike.
+Timing: every candidate is timed for ~--seconds per measurement, --repeats times, round-robin in an
+order rotated every repeat (so drift and neighbours hit all alike); the median is reported. Threads
+are pinned (--threads) for PyTorch and ONNX Runtime alike.
 
     prune-bench speed --models-dir models --threads 2
 """
@@ -126,8 +126,10 @@ def run(args: argparse.Namespace) -> dict:
         samples: dict[str, list[float]] = {n: [] for n in names}
         for name in names:
             runners[name](x)  # warm-up
-        for _ in range(args.repeats):
-            for name in names:
+        for repeat in range(args.repeats):
+            # Rotate the order every repeat: no candidate always runs right after the same neighbour.
+            shift = repeat * len(names) // max(1, args.repeats)
+            for name in names[shift:] + names[:shift]:
                 samples[name].append(images_per_second(runners[name], x, args.seconds))
         for name in names:
             speed[name][batch] = statistics.median(samples[name])
