@@ -8,8 +8,9 @@ in PyTorch and for the dense network exported to ONNX and run by ONNX Runtime, t
 layer's kept channels and path, and the largest output difference from the masked dense model.
 
 Timing: every candidate is timed for ~--seconds per measurement, --repeats times, round-robin in an
-order rotated every repeat (so drift and neighbours hit all alike); the median is reported. Threads
-are pinned (--threads) for PyTorch and ONNX Runtime alike.
+order rotated every repeat (so drift and neighbours hit all alike); the median is reported. The ONNX
+Runtime baseline runs with its defaults (busy-waiting threads) and is timed last, on its own, so its
+spinning threads do not slow the others. Threads are pinned (--threads) for PyTorch and ONNX Runtime.
 
     prune-bench speed --models-dir models --threads 2
 """
@@ -126,11 +127,17 @@ def run(args: argparse.Namespace) -> dict:
         samples: dict[str, list[float]] = {n: [] for n in names}
         for name in names:
             runners[name](x)  # warm-up
+        # ONNX Runtime's baseline keeps its default busy-waiting threads (its best case), which would keep
+        # spinning into whatever runs next: it is timed on its own after the others.
+        interleaved = [n for n in names if n != "dense ONNX Runtime"]
         for repeat in range(args.repeats):
             # Rotate the order every repeat: no candidate always runs right after the same neighbour.
-            shift = repeat * len(names) // max(1, args.repeats)
-            for name in names[shift:] + names[:shift]:
+            shift = repeat * len(interleaved) // max(1, args.repeats)
+            for name in interleaved[shift:] + interleaved[:shift]:
                 samples[name].append(images_per_second(runners[name], x, args.seconds))
+        if "dense ONNX Runtime" in runners:
+            for _ in range(args.repeats):
+                samples["dense ONNX Runtime"].append(images_per_second(runners["dense ONNX Runtime"], x, args.seconds))
         for name in names:
             speed[name][batch] = statistics.median(samples[name])
         print(f"batch {batch}: measured", flush=True)

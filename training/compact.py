@@ -299,6 +299,10 @@ class OnnxSession:
         # (batch 64) resident for good (measured: +630 MiB for 11 variants). Without it, buffers are
         # returned after each run.
         options.enable_cpu_mem_arena = False
+        # No busy-waiting between runs: ONNX Runtime's worker threads otherwise keep spinning after a
+        # run and take a core from PyTorch and the HTTP server (measured: dense-kernel variants fell to
+        # 0.89x while a spinning session shared the machine, 1.00-1.03x without).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.nbytes = len(model)
         with torch.inference_mode():
