@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     precision: str = Field("auto", description="inference precision: fp32, bf16, or auto (bf16 where the CPU "
                                                "has native bfloat16 units, AMX or AVX512-BF16; else fp32)")
     onnx_runtime: bool = Field(True, description="run a variant in ONNX Runtime at the batch sizes where it measured "
-                                                 "faster than PyTorch (float32 only); false saves ~35 MB per variant")
+                                                 "faster than PyTorch (float32 only); false saves ~25 MB per variant")
     access_log: bool = Field(False, description="log every request (costs throughput under load)")
     latency_probe_runs: int = Field(20, ge=3, description="timed passes per batch size at start-up")
 
