@@ -28,8 +28,8 @@ from training.train import GATE_METHODS, TrainConfig, accuracy, finetune, recali
 SCHEMA_VERSION = 1
 DEFAULT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 # Channel keeps: the fraction of each conv's channels kept (parameters scale roughly with keep²). These
-# give multiples of 8 channels in every layer (32/64/256 wide): oneDNN and ONNX Runtime block channels
-# by 8/16, and 0.75 ran 1.3-1.5x faster in ONNX Runtime than the unaligned 0.7 (measured here).
+# give multiples of 8 channels in every layer (32/64/256 wide): ONNX Runtime blocks channels by 8/16,
+# and 0.75 ran 1.3-1.5x faster in it than the unaligned 0.7 (measured here; PyTorch ran both alike).
 DEFAULT_CHANNEL_KEEPS = (0.75, 0.5, 0.25)
 
 
