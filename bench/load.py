@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -32,6 +30,7 @@ import httpx
 from PIL import Image
 
 from app.registry import percentile
+from bench.serve import start_server, wait_ready
 
 
 def synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
@@ -44,29 +43,6 @@ def synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
         image.save(buffer, format="JPEG", quality=90)
         images.append(buffer.getvalue())
     return images
-
-
-def start_server(models_dir: str, port: int, **env: str) -> subprocess.Popen:
-    environment = {**os.environ, **{k.upper(): str(v) for k, v in env.items()}}
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "--port", str(port), "--models-dir", models_dir],
-                            env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-async def wait_ready(client: httpx.AsyncClient, url: str, process: subprocess.Popen | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode}")
-        try:
-            r = await client.get(f"{url}/ready")
-            if r.status_code == 200:
-                return
-            if r.json().get("error"):
-                raise RuntimeError(f"server cannot serve: {r.json()['error']}")
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.25)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
 
 
 async def server_rss(client: httpx.AsyncClient, url: str) -> float | None:
@@ -154,7 +130,7 @@ async def main_async(args: argparse.Namespace) -> int:
         try:
             if not args.url:
                 processes.append(start_server(args.models_dir, args.port))
-            await wait_ready(client, url, processes[0] if processes else None, args.ready_timeout)
+            await wait_ready(url, args.ready_timeout, processes[0] if processes else None)
             variants = (await client.get(f"{url}/variants")).json()["variants"]
             images = synthetic_jpegs(64)
             rss_ready = await server_rss(client, url)
@@ -185,7 +161,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 processes.append(start_server(args.models_dir, port, queue_size=args.overload_queue_size,
                                               latency_probe_runs=3))
                 over_url = f"http://127.0.0.1:{port}"
-                await wait_ready(client, over_url, processes[-1], args.ready_timeout)
+                await wait_ready(over_url, args.ready_timeout, processes[-1])
                 flood = await overload(client, over_url, images[0], args.overload_clients, args.overload_seconds)
                 alive = processes[-1].poll() is None
                 print(f"overload: QUEUE_SIZE={args.overload_queue_size}, {args.overload_clients} clients x 8 images "

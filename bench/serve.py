@@ -47,28 +47,32 @@ def load_test_jpegs(path: Path, classes: list[str]) -> list[tuple[bytes, int]]:
     return [(data, label) for _, data, label in items]
 
 
-def start_server(models_dir: str, port: int, max_batch: int) -> subprocess.Popen:
-    """A prune-serve process; PRECISION, TORCH_THREADS etc. come from this process's environment."""
-    env = {**os.environ, "MODELS_DIR": models_dir, "MAX_BATCH": str(max_batch), "PORT": str(port),
-           "HOST": "127.0.0.1", "LATENCY_PROBE_RUNS": "5"}
-    return subprocess.Popen([sys.executable, "-m", "app.cli"], env=env, stdout=subprocess.DEVNULL,
+def start_server(models_dir: str, port: int, **env: object) -> subprocess.Popen:
+    """A prune-serve process on 127.0.0.1; keyword arguments set settings (max_batch=1 → MAX_BATCH=1),
+    the rest (PRECISION, TORCH_THREADS, ...) come from this process's environment."""
+    environment = {**os.environ, "MODELS_DIR": models_dir, "PORT": str(port), "HOST": "127.0.0.1",
+                   **{key.upper(): str(value) for key, value in env.items()}}
+    return subprocess.Popen([sys.executable, "-m", "app.cli"], env=environment, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
-async def wait_ready(url: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
+async def wait_ready(url: str, timeout: float = 300, process: subprocess.Popen | None = None) -> None:
+    """Until /ready is 200; fails early if the server reports it cannot serve or ``process`` exits."""
+    deadline = time.monotonic() + timeout
     async with httpx.AsyncClient() as client:
-        while time.time() < deadline:
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"server exited with code {process.returncode}")
             try:
                 r = await client.get(f"{url}/ready")
                 if r.status_code == 200:
                     return
                 if r.json().get("error"):
-                    raise RuntimeError(r.json()["error"])
+                    raise RuntimeError(f"server cannot serve: {r.json()['error']}")
             except httpx.TransportError:
                 pass
-            await asyncio.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
+            await asyncio.sleep(0.25)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
 
 
 async def served_accuracy(url: str, keep: float, images: list[tuple[bytes, int]], granularity: str = "weight",
@@ -155,9 +159,9 @@ async def main_async(args: argparse.Namespace) -> int:
     print(f"{len(images)} test images; variants: {keeps}")
 
     url = f"http://127.0.0.1:{args.port}"
-    server = start_server(args.models_dir, args.port, 64)
+    server = start_server(args.models_dir, args.port, max_batch=64, latency_probe_runs=5)
     try:
-        await wait_ready(url)
+        await wait_ready(url, process=server)
         if args.skip_accuracy:
             keeps = []
         print("\n| variant | keep | served acc % | manifest acc % (release seed) | diff | manifest mean ± std |")
@@ -180,9 +184,9 @@ async def main_async(args: argparse.Namespace) -> int:
         server.wait(30)
 
     unbatched_url = f"http://127.0.0.1:{args.port + 1}"
-    server = start_server(args.models_dir, args.port + 1, 1)
+    server = start_server(args.models_dir, args.port + 1, max_batch=1, latency_probe_runs=5)
     try:
-        await wait_ready(unbatched_url)
+        await wait_ready(unbatched_url, process=server)
         unbatched = await throughput(unbatched_url, args.throughput_keep, images, args.clients, args.seconds)
         unbatched_wrk = wrk_throughput(unbatched_url, args.throughput_keep, images[0][0], args.clients, args.seconds)
     finally:

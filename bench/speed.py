@@ -24,14 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from training import checkpoint
-from training.compact import BATCH_BUCKETS, calibrate, compact
+from training.compact import BATCH_BUCKETS, OnnxSession, calibrate, compact, onnxruntime_available
 from training.model import GatedNet
 from training.train import autocast
 
@@ -49,28 +48,11 @@ def images_per_second(run: Runner, x: torch.Tensor, seconds: float) -> float:
 
 
 def onnx_runner(model: GatedNet, threads: int) -> Runner | None:
-    """The dense network exported to ONNX, run by ONNX Runtime's CPU provider (None if not installed)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    """The dense network exported to ONNX, run by ONNX Runtime with its default settings (its best
+    case; outputs checked against PyTorch); None if onnxruntime is not installed."""
+    if not onnxruntime_available():
         return None
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = Path(tmp) / "dense.onnx"
-        example = torch.randn(2, 3, 32, 32)
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
-        options = ort.SessionOptions()  # ONNX Runtime's defaults otherwise (thread spinning on: its best case)
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    reference = model(example)
-    got = torch.from_numpy(session.run(None, {name: example.numpy()})[0])
-    if not torch.allclose(got, reference, atol=1e-4):
-        raise RuntimeError(f"ONNX Runtime output differs from PyTorch by {(got - reference).abs().max():.2e}")
-    return lambda x: session.run(None, {name: x.contiguous().numpy()})
+    return OnnxSession(model, torch.randn(2, 3, 32, 32), threads, shared=False)
 
 
 def dense_checkpoint_bytes(model: GatedNet) -> int:

@@ -46,7 +46,6 @@ from training.model import GatedNet
 from training.sparse_kernels import DirectSparseConv
 
 PATHS = ("dense", "sparse", "direct")
-BACKENDS = ("torch", "onnxruntime")
 # ONNX Runtime is tried up to this batch size. Its win is lower per-operator overhead (~1.9x dense
 # PyTorch at batch 1 here); at batch 64 oneDNN is as fast, and without a per-session arena (see
 # OnnxSession) ONNX Runtime re-allocates its large buffers every run: it won calibration at batch 64
@@ -56,8 +55,9 @@ BATCH_BUCKETS = (1, 8, 64)
 # Above this share of nonzero weights a CSR GEMM over unfolded patches never beat oneDNN's dense
 # conv on the machines we measured (the unfold and layout copies cost more than the zeros save).
 SPARSE_MAX_DENSITY = 0.3
-# A sparse path must beat dense by this factor to be chosen: timings are noisy, dense is the safe default.
-SPARSE_MARGIN = 0.9
+# A path or backend must beat the default (dense, PyTorch) by this factor to be chosen: timings are
+# noisy, and the default is the safe choice.
+MARGIN = 0.9
 
 
 class CompactConv(nn.Module):
@@ -238,7 +238,7 @@ def compact(model: GatedNet, input_hw: tuple[int, int] = (32, 32)) -> CompactNet
         bias_map = None
         if i > 0 and folded_into_next[i - 1].any():
             # Constant input channels: their value everywhere, zero padding around, through this conv.
-            prev_scale, prev_shift = affine[i - 1]
+            prev_shift = affine[i - 1][1]
             value = F.gelu(prev_shift) * folded_into_next[i - 1]
             planes = value.view(1, -1, 1, 1).expand(1, w.shape[1], *hw)
             bias_map = F.conv2d(planes, w, padding=w.shape[-1] // 2)[0][kept[i]]
@@ -252,7 +252,7 @@ def compact(model: GatedNet, input_hw: tuple[int, int] = (32, 32)) -> CompactNet
             convs.append(CompactConv(w * s.view(-1, 1, 1, 1), shift[kept[i]],
                                      None if bias_map is None else bias_map * s.view(-1, 1, 1), False))
         kept_in = kept[i]
-    last_scale, last_shift = affine[-1]
+    last_shift = affine[-1][1]
     head_b += head_w[:, folded_into_next[-1]] @ F.gelu(last_shift[folded_into_next[-1]])
     net = CompactNet(convs, head_w[:, kept[-1]], head_b, model.config.logit_scale, input_hw,
                      [name for name, _, _, _ in chain], [w.shape[0] for w in weights])
@@ -274,42 +274,50 @@ class _DenseGraph(nn.Module):
 
 
 class OnnxSession:
-    """The compact network as an in-memory ONNX graph run by ONNX Runtime's CPU provider."""
+    """A float32 module exported in memory to ONNX and run by ONNX Runtime's CPU provider. Its outputs
+    are checked against the module's on ``example`` (1e-4) before it is used.
 
-    def __init__(self, net: CompactNet, threads: int) -> None:
+    ``shared=True`` (the service: one session per variant, sharing the process) turns off two
+    defaults that cost the rest of the process; ``shared=False`` keeps ONNX Runtime's defaults, its
+    best case on an otherwise idle machine (prune-bench's baseline)."""
+
+    def __init__(self, module: nn.Module, example: Tensor, threads: int, shared: bool = True) -> None:
         import onnxruntime as ort
 
-        # A float32 copy without the sparse structures (a CSR tensor cannot be deep-copied; the graph
-        # is the dense one anyway).
-        memo = {id(part): None for conv in net.convs for part in (conv.sparse_weight, conv.direct)}
-        memo[id(net.onnx_session)] = None
-        graph = _DenseGraph(copy.deepcopy(net, memo).float().eval())
-        example = torch.randn(2, 3, *net.input_hw)
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(graph, (example,), buffer, dynamo=False, input_names=["x"], output_names=["logits"],
+            torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"], output_names=["logits"],
                               dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
         model = buffer.getvalue()
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Every variant has a session: an arena per session would keep each one's peak activations
-        # (batch 64) resident for good (measured: +630 MiB for 11 variants). Without it, buffers are
-        # returned after each run.
-        options.enable_cpu_mem_arena = False
-        # No busy-waiting between runs: ONNX Runtime's worker threads otherwise keep spinning after a
-        # run and take a core from PyTorch and the HTTP server (measured: dense-kernel variants fell to
-        # 0.89x while a spinning session shared the machine, 1.00-1.03x without).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if shared:
+            # An arena per session would keep each one's peak activations (batch 64) resident for
+            # good (measured: +630 MiB for 11 variants). Without it, buffers are returned after each run.
+            options.enable_cpu_mem_arena = False
+            # No busy-waiting between runs: worker threads otherwise keep spinning after a run and take
+            # a core from PyTorch and the HTTP server (measured: dense-kernel variants fell to 0.89x
+            # while a spinning session shared the machine, 1.00-1.03x without).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.nbytes = len(model)
         with torch.inference_mode():
-            expected = graph(example)
+            expected = module(example)
         got = self(example)
         if not torch.allclose(got, expected, atol=1e-4, rtol=0):
             raise RuntimeError(f"ONNX Runtime differs from PyTorch by {(got - expected).abs().max():.2e}")
+
+    @classmethod
+    def of_compact(cls, net: CompactNet, threads: int) -> OnnxSession:
+        """The compact network with every layer dense, as a float32 copy without the sparse
+        structures (a CSR tensor cannot be deep-copied; the graph is the dense one anyway)."""
+        memo = {id(part): None for conv in net.convs for part in (conv.sparse_weight, conv.direct)}
+        memo[id(net.onnx_session)] = None
+        graph = _DenseGraph(copy.deepcopy(net, memo).float().eval())
+        return cls(graph, torch.randn(2, 3, *net.input_hw), threads)
 
     def __call__(self, x: Tensor) -> Tensor:
         array = x.float().contiguous().numpy()
@@ -327,12 +335,14 @@ def onnxruntime_available() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Choosing dense or sparse per layer and batch size
 # ---------------------------------------------------------------------------------------------
-def choose_path(timings: dict[str, float], margin: float = SPARSE_MARGIN) -> str:
-    """Dense unless the fastest sparse path was measured faster by the margin (missing or failed
-    timings lose)."""
-    dense = timings.get("dense", math.inf)
-    best = min((p for p in PATHS if p != "dense"), key=lambda p: timings.get(p, math.inf))
-    return best if timings.get(best, math.inf) < dense * margin else "dense"
+def choose_path(timings: dict[str, float], default: str = "dense", margin: float = MARGIN) -> str:
+    """``default`` unless the fastest alternative was measured faster by the margin (missing or failed
+    timings lose). Used for per-layer paths and for the whole network's backend."""
+    alternatives = {name: seconds for name, seconds in timings.items() if name != default}
+    if not alternatives:
+        return default
+    best = min(alternatives, key=alternatives.__getitem__)
+    return best if alternatives[best] < timings.get(default, math.inf) * margin else default
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
@@ -360,12 +370,13 @@ def calibrate(net: CompactNet, buckets: Iterable[int] = BATCH_BUCKETS,
     1 answers that differ by bfloat16 rounding. ``sparse=False`` or ``onnx=False`` turn them off."""
     buckets = tuple(buckets)
     float32 = net.head_weight.dtype == torch.float32
-    report = _calibrate_layers(net, buckets, timer, max_density if sparse and float32 else -1.0)
+    # With sparse paths off, no layer qualifies: every layer is reset to dense without measuring.
+    report = _calibrate_layers(net, buckets, timer, max_density if sparse and float32 else -math.inf)
     net.backends = {}
     net.onnx_session = None
     if onnx and float32 and onnxruntime_available():
         try:
-            net.onnx_session = OnnxSession(net, torch.get_num_threads())
+            net.onnx_session = OnnxSession.of_compact(net, torch.get_num_threads())
         except Exception as exc:  # noqa: BLE001 - any export or runtime failure: PyTorch stays the backend
             warnings.warn(f"ONNX Runtime backend unavailable for this network: {exc}", stacklevel=2)
         if net.onnx_session is not None:
@@ -375,8 +386,7 @@ def calibrate(net: CompactNet, buckets: Iterable[int] = BATCH_BUCKETS,
                 timings = {"torch": timer(lambda x=x, b=batch: net.torch_forward(x, b)),
                            "onnxruntime": timer(lambda x=x: net.onnx_session(x))}
                 report["network"][batch] = timings
-                better = timings["onnxruntime"] < timings["torch"] * SPARSE_MARGIN
-                net.backends[batch] = "onnxruntime" if better else "torch"
+                net.backends[batch] = choose_path(timings, default="torch")
             if "onnxruntime" not in net.backends.values():
                 net.onnx_session = None  # not used: do not keep the graph
     return report
