@@ -124,7 +124,13 @@ def _write(path: Path, tensors: dict[str, Tensor], metadata: dict) -> tuple[int,
 def save_dense(model: GatedNet, path: str | Path) -> tuple[int, str]:
     """Full gated model (weights + scores + BN). Returns (bytes, sha256)."""
     tensors = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith(".mask")}
-    meta = {"format": "gated-dense", "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
+    # Scores that never left their initial value (phase 1 keeps them fixed) are one number, not a tensor.
+    constant = {k: float(v.flatten()[0]) for k, v in tensors.items()
+                if k.endswith(".score") and v.numel() and bool((v == v.flatten()[0]).all())}
+    for key in constant:
+        del tensors[key]
+    meta = {"format": "gated-dense", "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
+            "constant_scores": constant}
     return _write(Path(path), tensors, meta)
 
 
@@ -209,7 +215,11 @@ def load_model(path: str | Path, expected_sha256: str | None = None, root: str |
     try:
         model = GatedNet(NetConfig.from_dict(meta["config"]))
         if meta.get("format") == "gated-dense":
-            model.load_state_dict(tensors, strict=True)
+            state = dict(tensors)
+            for key, value in (meta.get("constant_scores") or {}).items():
+                shape = model.state_dict()[key].shape
+                state[key] = torch.full(shape, float(value))
+            model.load_state_dict(state, strict=True)
         elif meta.get("format") == "pruned":
             encodings = meta["encodings"]
             state = {k: v for k, v in tensors.items() if "::" not in k}

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -21,65 +22,119 @@ from tqdm import tqdm
 
 from training import checkpoint, report
 from training.data import DataError, channel_stats, load_dataset, normalize, split_validation
+from training.hardware import DEVICES_HELP, PRECISIONS, describe, select_device, select_precision
 from training.model import GatedNet, NetConfig, count_parameters
-from training.prune import CRITERIA, SCOPES, check_keep, prune, prune_channels
-from training.train import GATE_METHODS, TrainConfig, accuracy, finetune, recalibrate_bn, train
+from training.prune import CRITERIA, SCOPES, channel_masks, check_keep, prune
+from training.train import (
+    GATE_METHODS,
+    TTA_LEVELS,
+    PruneConfig,
+    TrainConfig,
+    accuracy,
+    prune_finetune,
+    recalibrate_bn,
+    train,
+)
 
 SCHEMA_VERSION = 1
 DEFAULT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 # Channel keeps: the fraction of each conv's channels kept (parameters scale roughly with keep²). These
 # give multiples of 8 channels in every layer (32/64/256 wide): ONNX Runtime blocks channels by 8/16,
 # and 0.75 ran 1.3-1.5x faster in it than the unaligned 0.7 (measured here; PyTorch ran both alike).
-DEFAULT_CHANNEL_KEEPS = (0.75, 0.5, 0.25)
+DEFAULT_CHANNEL_KEEPS = (0.75, 0.625, 0.5, 0.25)
+METHODS = ("gate_magnitude", "magnitude_gradual", "magnitude")  # phase-2 methods (see --methods)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = TrainConfig()
+    defaults, prune_defaults = TrainConfig(), PruneConfig()
     p = argparse.ArgumentParser(prog="prune-train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="cifar10-jpeg.tar.gz, an ImageFolder root (train/, test/) "
-                                                 "or a torchvision CIFAR10 root")
-    p.add_argument("--out", default="models", help="export directory (manifest, checkpoints, plot, tables)")
-    p.add_argument("--work-dir", default="runs", help="resumable per-seed checkpoints and results")
-    p.add_argument("--cache-dir", default=None, help="decoded data set cache (default ~/.cache/gated-prune)")
-    p.add_argument("--seeds", type=int, default=3, help="number of training seeds (0, 1, ...)")
-    p.add_argument("--release-seed", type=int, default=0, help="seed whose checkpoints are exported")
-    p.add_argument("--widths", type=int, nargs=3, default=list(NetConfig.widths))
-    p.add_argument("--stem-width", type=int, default=NetConfig.stem_width)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    p.add_argument("--gate-method", choices=GATE_METHODS, default=defaults.gate_method)
-    p.add_argument("--gate-lr", type=float, default=defaults.gate_lr)
-    p.add_argument("--gate-min-keep", type=float, default=defaults.gate_min_keep)
-    p.add_argument("--gate-dense-prob", type=float, default=defaults.gate_dense_prob)
-    p.add_argument("--gate-keep-dist", choices=("log", "uniform"), default=defaults.gate_keep_dist)
-    p.add_argument("--gate-rank", choices=("score", "effective"), default=defaults.gate_rank)
-    p.add_argument("--gate-start-epoch", type=int, default=defaults.gate_start_epoch)
-    p.add_argument("--gate-penalty", type=float, default=defaults.gate_penalty)
-    p.add_argument("--no-bf16", action="store_true", help="train and evaluate in float32")
-    p.add_argument("--val-size", type=int, default=5000, help="validation images held out of train")
-    p.add_argument("--train-limit", type=int, default=0, help="use only this many training images (smoke runs)")
-    p.add_argument("--keeps", type=float, nargs="+", default=list(DEFAULT_KEEPS))
-    p.add_argument("--criteria", nargs="+", choices=CRITERIA, default=list(CRITERIA))
-    p.add_argument("--ship-criterion", choices=CRITERIA, default="gate_magnitude",
-                   help="criterion of the exported variants")
-    p.add_argument("--scope", choices=SCOPES, default="global")
-    p.add_argument("--floor", type=float, default=0.002, help="per-layer minimum fraction of weights kept")
-    p.add_argument("--calib-images", type=int, default=2000, help="training images for BN recalibration")
-    p.add_argument("--finetune-steps", type=int, default=40, help="masked fine-tune steps per variant (0: off)")
-    p.add_argument("--finetune-criteria", nargs="*", choices=CRITERIA, default=["gate_magnitude", "magnitude"])
-    p.add_argument("--finetune-max-keep", type=float, default=0.5, help="fine-tune variants with keep <= this")
-    p.add_argument("--ship-finetune-min-gain", type=float, default=0.2,
-                   help="ship a fine-tuned variant only if it gains this many validation points")
-    p.add_argument("--channel-keeps", type=float, nargs="*", default=list(DEFAULT_CHANNEL_KEEPS),
-                   help="channel-granularity variants: fraction of every conv's channels kept (none: skip)")
-    p.add_argument("--channel-finetune-steps", type=int, default=400,
-                   help="masked fine-tune steps per channel variant (removing whole channels needs more)")
-    p.add_argument("--channel-finetune-lr", type=float, default=0.06, help="peak learning rate of that fine-tune")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    io = p.add_argument_group("data and outputs")
+    io.add_argument("--data", required=True, help="cifar10-jpeg.tar.gz, an ImageFolder root (train/, test/) "
+                                                  "or a torchvision CIFAR10 root")
+    io.add_argument("--out", default="models", help="export directory (manifest, checkpoints, plot, tables)")
+    io.add_argument("--work-dir", default="runs", help="resumable per-seed checkpoints and results; a work dir "
+                                                       "made with other flags is refused")
+    io.add_argument("--cache-dir", default=None, help="decoded data set cache (default ~/.cache/gated-prune)")
+    io.add_argument("--val-size", type=int, default=5000, help="validation images held out of train (every "
+                                                               "choice is made on them; test only reports)")
+    io.add_argument("--train-limit", type=int, default=0, help="use only this many training images (smoke runs)")
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--device", default="auto", help=DEVICES_HELP)
+    hw.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="autocast precision; auto = bf16 on bf16-capable GPUs and on CPUs with native bf16 "
+                         "(AMX / AVX512-BF16), fp16 on older GPUs, else fp32")
+    hw.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    net = p.add_argument_group("network")
+    net.add_argument("--widths", type=int, nargs=3, default=list(NetConfig.widths), help="channels of the 3 blocks")
+    net.add_argument("--stem-width", type=int, default=NetConfig.stem_width, help="channels of the stem conv")
+    tr = p.add_argument_group("phase 1: dense training (airbench94's recipe)")
+    tr.add_argument("--seeds", type=int, default=3, help="number of training seeds (0, 1, ...)")
+    tr.add_argument("--release-seed", type=int, default=0, help="seed whose checkpoints are exported")
+    tr.add_argument("--epochs", type=float, default=defaults.epochs, help="training epochs (fractions allowed)")
+    tr.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step")
+    tr.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate per 1024 images (airbench "
+                                                                   "scale: divided by 1024·(1 + 1/(1 − momentum)))")
+    tr.add_argument("--momentum", type=float, default=defaults.momentum, help="Nesterov momentum")
+    tr.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="per 1024 images, "
+                                                                                       "decoupled from the lr")
+    tr.add_argument("--bias-scaler", type=float, default=defaults.bias_scaler, help="lr multiple of BN biases")
+    tr.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="cross-entropy "
+                                                                                             "label smoothing")
+    tr.add_argument("--translate", type=int, default=defaults.translate, help="random translation in pixels")
+    tr.add_argument("--no-whiten", dest="whiten", action="store_false", help="random stem instead of the "
+                                                                              "frozen whitening filters")
+    tr.add_argument("--no-lookahead", dest="lookahead", action="store_false", help="no lookahead EMA")
+    tr.add_argument("--gate-method", choices=GATE_METHODS, default=defaults.gate_method,
+                    help="scores in phase 1: frozen (phase 2 learns them), st_topk (straight-through top-K "
+                         "at random keeps), penalty (L1 on sigmoid(S)), none (loss only)")
+    tr.add_argument("--gate-lr", type=float, default=defaults.gate_lr, help="Adam lr of the scores (phase 1)")
+    tr.add_argument("--gate-min-keep", type=float, default=defaults.gate_min_keep, help="st_topk: smallest keep")
+    tr.add_argument("--gate-dense-prob", type=float, default=defaults.gate_dense_prob,
+                    help="st_topk: share of dense steps")
+    tr.add_argument("--gate-keep-dist", choices=("log", "uniform"), default=defaults.gate_keep_dist,
+                    help="st_topk: distribution of the drawn keeps")
+    tr.add_argument("--gate-rank", choices=("score", "effective"), default=defaults.gate_rank,
+                    help="st_topk: rank by S or by |W·sigmoid(S)|")
+    tr.add_argument("--gate-start-epoch", type=int, default=defaults.gate_start_epoch,
+                    help="st_topk: dense epochs first")
+    tr.add_argument("--gate-penalty", type=float, default=defaults.gate_penalty, help="penalty: its weight")
+    pr = p.add_argument_group("phase 2: pruning")
+    pr.add_argument("--keeps", type=float, nargs="+", default=list(DEFAULT_KEEPS), help="weight keep ratios")
+    pr.add_argument("--criteria", nargs="+", choices=CRITERIA, default=["gate_magnitude", "magnitude", "random"],
+                    help="one-shot criteria evaluated without fine-tuning (the baselines)")
+    pr.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
+                    help="phase-2 methods: gate_magnitude = gradual top-K with learned gates (shipped); "
+                         "magnitude_gradual = the same with gates frozen; magnitude = one-shot + the same fine-tune")
+    pr.add_argument("--prune-max-keep", type=float, default=0.5, help="phase 2 for keeps <= this (above it the "
+                                                                      "one-shot variants lose nothing measurable)")
+    pr.add_argument("--prune-steps", type=int, default=prune_defaults.steps, help="phase-2 steps per variant "
+                                                                                  "(0: no phase 2)")
+    pr.add_argument("--prune-share", type=float, default=prune_defaults.prune_share,
+                    help="share of the steps over which the kept share falls to the target")
+    pr.add_argument("--prune-lr", type=float, default=prune_defaults.lr, help="phase-2 peak lr, multiple of --lr")
+    pr.add_argument("--prune-gate-lr", type=float, default=prune_defaults.gate_lr, help="Adam lr of the scores")
+    pr.add_argument("--distill", type=float, default=prune_defaults.distill,
+                    help="weight of distillation from the dense network (0: labels only)")
+    pr.add_argument("--temperature", type=float, default=prune_defaults.temperature, help="distillation "
+                                                                                          "temperature")
+    pr.add_argument("--ship-criterion", choices=CRITERIA, default="gate_magnitude",
+                    help="criterion of the exported weight variants")
+    pr.add_argument("--scope", choices=SCOPES, default="global", help="rank weights across the net or per layer")
+    pr.add_argument("--floor", type=float, default=0.002, help="per-layer minimum fraction of weights kept")
+    pr.add_argument("--calib-images", type=int, default=2000, help="training images for BN recalibration")
+    pr.add_argument("--ship-finetune-min-gain", type=float, default=0.1,
+                    help="ship the phase-2 variant only if it beats the one-shot one by this many validation "
+                         "points (the one-shot one costs N/8 bytes as a mask over dense.safetensors)")
+    pr.add_argument("--channel-keeps", type=float, nargs="*", default=list(DEFAULT_CHANNEL_KEEPS),
+                    help="channel-granularity variants: fraction of every conv's channels kept (none: skip)")
+    pr.add_argument("--channel-steps", type=int, default=400,
+                    help="distilled fine-tune steps per channel variant (removing whole channels needs more)")
+    pr.add_argument("--channel-lr", type=float, default=prune_defaults.lr, help="its peak lr, multiple of --lr")
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--tta", type=int, choices=TTA_LEVELS, default=2,
+                    help="test-time augmentation the service applies (0 none, 1 mirror, 2 mirror + translate: "
+                         "6 views); test accuracy is reported with it and without")
     args = p.parse_args(argv)
     for keep in [*args.keeps, *args.channel_keeps]:
         try:
@@ -93,35 +148,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
+# Flags that do not change results: a work dir may be resumed with other values of these.
+_RESULT_NEUTRAL = {"out", "work_dir", "cache_dir", "device", "threads", "seeds", "release_seed", "data"}
+
+
+def _guard_work_dir(args: argparse.Namespace, dataset_sha: str) -> None:
+    """Refuse to mix results made with other flags (or another data set) into this run's."""
+    work = Path(args.work_dir)
+    wanted = {k: v for k, v in sorted(vars(args).items()) if k not in _RESULT_NEUTRAL}
+    wanted["dataset_sha256"] = dataset_sha
+    record = work / "run-config.json"
+    if record.exists():
+        found = json.loads(record.read_text())
+        diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+        if diff:
+            raise SystemExit(f"prune-train: error: {work} holds results made with other settings "
+                             f"({', '.join(diff)}); use another --work-dir or delete it")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(wanted, indent=1))
+
+
+def _train_config(args: argparse.Namespace, precision: str) -> TrainConfig:
     """Every TrainConfig field that has a flag of the same name (``--gate-lr`` → gate_lr)."""
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    return TrainConfig(**given, bf16=not args.no_bf16)
+    given["precision"] = precision
+    return TrainConfig(**given)
+
+
+def _prune_config(args: argparse.Namespace) -> PruneConfig:
+    return PruneConfig(steps=args.prune_steps, prune_share=args.prune_share, lr=args.prune_lr,
+                       gate_lr=args.prune_gate_lr, distill=args.distill, temperature=args.temperature)
 
 
 def _variant_name(criterion: str, keep: float) -> str:
-    return "dense" if keep == 1.0 else f"{criterion}-keep{keep:.2f}"
+    label = f"{keep:.2f}" if round(keep, 2) == keep else f"{keep:.3f}"  # 0.30, 0.625
+    return "dense" if keep == 1.0 else f"{criterion}-keep{label}"
 
 
 def _calibration_images(splits: dict, seed: int, count: int) -> torch.Tensor:
     # A seeded random sample: the training split is stored class by class, and BN statistics of
     # one class would mis-normalise the other nine.
     pick = torch.randperm(len(splits["train_y"]), generator=torch.Generator().manual_seed(seed))
-    return splits["train_x"][pick[:count]]
+    return splits["train_x"][pick[:count].to(splits["train_x"].device)]
 
 
-def _evaluate(model: GatedNet, splits: dict, cfg: TrainConfig) -> dict:
-    return {"val_acc": accuracy(model, splits["val_x"], splits["val_y"], bf16=cfg.bf16),
-            "test_acc": accuracy(model, splits["test_x"], splits["test_y"], bf16=cfg.bf16),
-            **count_parameters(model)}
+def _evaluate(model: GatedNet, splits: dict, cfg: TrainConfig, tta: int) -> dict:
+    """Validation without TTA (what choices use); test with the served TTA and without."""
+    row = {"val_acc": accuracy(model, splits["val_x"], splits["val_y"], cfg.precision),
+           "test_acc_no_tta": accuracy(model, splits["test_x"], splits["test_y"], cfg.precision)}
+    row["test_acc"] = row["test_acc_no_tta"] if tta == 0 else \
+        accuracy(model, splits["test_x"], splits["test_y"], cfg.precision, tta=tta)
+    return {**row, **count_parameters(model)}
 
 
 def _variant_file(criterion: str, keep: float, finetuned: bool) -> str:
     return f"{_variant_name(criterion, keep)}{'-ft' if finetuned else ''}.safetensors"
 
 
-def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig, net_cfg: NetConfig) -> dict:
-    """Train one seed and sweep every criterion × keep; cached in work_dir/seed-N/results.json."""
+def _method_config(method: str, pcfg: PruneConfig) -> PruneConfig:
+    if method == "gate_magnitude":
+        return pcfg
+    if method == "magnitude_gradual":
+        return replace(pcfg, gate_lr=0.0)
+    return replace(pcfg, gradual=False)  # "magnitude": one-shot
+
+
+def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig, pcfg: PruneConfig,
+             net_cfg: NetConfig, device: torch.device, hardware: dict) -> dict:
+    """Train one seed and sweep criteria × keeps; cached in work_dir/seed-N/results.json."""
     seed_dir = Path(args.work_dir) / f"seed-{seed}"
     results_file = seed_dir / "results.json"
     if results_file.exists():
@@ -129,8 +224,8 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
         return json.loads(results_file.read_text())
 
     torch.manual_seed(seed)
-    model = GatedNet(net_cfg)
-    bar = tqdm(total=cfg.epochs, desc=f"seed {seed} train", unit="epoch", file=sys.stdout)
+    model = GatedNet(net_cfg).to(device, memory_format=torch.channels_last)
+    bar = tqdm(total=math.ceil(cfg.epochs), desc=f"seed {seed} train", unit="epoch", file=sys.stdout)
 
     def progress(epoch: int, entry: dict) -> None:
         bar.update(epoch - bar.n)  # resumed runs jump straight to their epoch
@@ -142,58 +237,71 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     # Variants that are not fine-tuned are stored as masks over this checkpoint (see checkpoint.py).
     base = ("../dense.safetensors", dense_sha, checkpoint.folded_weights(model))
     dense_state = copy.deepcopy(model.state_dict())
+    teacher = copy.deepcopy(model).eval()
     calib = _calibration_images(splits, seed, args.calib_images)
     release = seed == args.release_seed
 
+    jobs = [(c, k, None) for c in args.criteria for k in args.keeps if not (k == 1.0 and c != args.criteria[0])]
+    if args.prune_steps > 0:
+        jobs += [(m, k, m) for m in args.methods for k in args.keeps if k < 1.0 and k <= args.prune_max_keep]
     rows: list[dict] = []
     sweep_began = time.perf_counter()
-    jobs = [(c, k) for c in args.criteria for k in args.keeps if not (k == 1.0 and c != args.criteria[0])]
-    for criterion, keep in tqdm(jobs, desc=f"seed {seed} sweep", unit="variant", file=sys.stdout):
+    for criterion, keep, method in tqdm(jobs, desc=f"seed {seed} sweep", unit="variant", file=sys.stdout):
         model.load_state_dict(dense_state)
-        if keep < 1.0:
+        model.set_masks(None)
+        began = time.perf_counter()
+        if method is not None:
+            prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg, _method_config(method, pcfg),
+                           seed, teacher=teacher, scope=args.scope, floor=args.floor)
+        elif keep < 1.0:
             prune(model, criterion, keep, args.scope, args.floor, seed)
-        else:
-            model.set_masks(None)
-        stages = [False]
-        if keep < 1.0 and args.finetune_steps > 0 and criterion in args.finetune_criteria \
-                and keep <= args.finetune_max_keep:
-            stages.append(True)
-        for finetuned in stages:
-            if finetuned:
-                finetune(model, splits["train_x"], splits["train_y"], args.finetune_steps, cfg, seed)
-            recalibrate_bn(model, calib, bf16=cfg.bf16)
-            rows.append({"criterion": criterion if keep < 1.0 else "dense", "keep": keep, "finetuned": finetuned,
-                         **_evaluate(model, splits, cfg)})
-            if release and (criterion == args.ship_criterion or keep == 1.0):
-                # The release seed's candidates for shipping, written as they come; export picks.
-                checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(args.ship_criterion, keep,
-                                                                                    finetuned), base)
-    result = {"seed": seed, "history": history, "rows": rows, "sweep_seconds": time.perf_counter() - sweep_began}
+        recalibrate_bn(model, calib, precision=cfg.precision)
+        finetuned = method is not None
+        row = {"criterion": criterion if keep < 1.0 else "dense", "keep": keep, "finetuned": finetuned,
+               **_evaluate(model, splits, cfg, args.tta), "seconds": round(time.perf_counter() - began, 2)}
+        if keep == 1.0:  # every TTA level for the dense network (what TTA buys, for the README)
+            row.update({f"test_acc_tta{level}": accuracy(model, splits["test_x"], splits["test_y"], cfg.precision,
+                                                         tta=level) for level in TTA_LEVELS})
+        rows.append(row)
+        if release and (criterion == args.ship_criterion or keep == 1.0):
+            # The release seed's candidates for shipping, written as they come; export picks.
+            checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(args.ship_criterion, keep,
+                                                                                finetuned),
+                                   None if finetuned else base)
+    model.set_masks(None)
+    result = {"seed": seed, "history": history, "rows": rows, "sweep_seconds": time.perf_counter() - sweep_began,
+              "hardware": hardware}
     seed_dir.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(result, indent=1))
     return result
 
 
-def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig) -> list[dict]:
-    """Channel-granularity variants of one trained seed: top-K channels per layer, masked fine-tune,
+def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig, pcfg: PruneConfig,
+                     device: torch.device) -> list[dict]:
+    """Channel-granularity variants of one trained seed: top-K channels per layer, distilled fine-tune,
     BN recalibration. Each keep is cached in work_dir/seed-N/channel/ as it completes."""
     seed_dir = Path(args.work_dir) / f"seed-{seed}"
     out_dir = seed_dir / "channel"
     calib = _calibration_images(splits, seed, args.calib_images)
+    teacher = None
     rows = []
     for keep in tqdm(args.channel_keeps, desc=f"seed {seed} channels", unit="variant", file=sys.stdout):
-        done = out_dir / f"keep{keep:.2f}.json"
+        done = out_dir / f"keep{keep:.3f}.json"
         if done.exists():
             rows.append(json.loads(done.read_text()))
             continue
-        model = checkpoint.load_model(seed_dir / "dense.safetensors")  # the trained gated model
-        prune_channels(model, keep)
+        if teacher is None:
+            teacher = checkpoint.load_model(seed_dir / "dense.safetensors")
+            teacher = teacher.to(device, memory_format=torch.channels_last)
+        model = copy.deepcopy(teacher)
+        masks = channel_masks(model, keep)
         began = time.perf_counter()
-        finetune(model, splits["train_x"], splits["train_y"], args.channel_finetune_steps, cfg, seed,
-                 lr=args.channel_finetune_lr)
-        recalibrate_bn(model, calib, bf16=cfg.bf16)
-        row = {"criterion": "channel", "keep": keep, "finetuned": True, **_evaluate(model, splits, cfg),
-               "finetune_seconds": round(time.perf_counter() - began, 1)}
+        prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg,
+                       replace(pcfg, steps=args.channel_steps, lr=args.channel_lr, gradual=False), seed,
+                       teacher=teacher, masks=masks)
+        recalibrate_bn(model, calib, precision=cfg.precision)
+        row = {"criterion": "channel", "keep": keep, "finetuned": True, **_evaluate(model, splits, cfg, args.tta),
+               "seconds": round(time.perf_counter() - began, 2)}
         if seed == args.release_seed:
             checkpoint.save_pruned(model, out_dir / _variant_file("channel", keep, True))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +328,7 @@ def aggregate(results: list[dict]) -> list[dict]:
     for (criterion, keep, finetuned), rows in groups.items():
         test = [r["test_acc"] for r in rows]
         val = [r["val_acc"] for r in rows]
+        plain = [r.get("test_acc_no_tta", r["test_acc"]) for r in rows]
         table.append({
             "criterion": criterion, "granularity": "channel" if criterion == "channel" else "weight",
             "keep": keep, "sparsity": _sparsity(rows[0]), "finetuned": finetuned,
@@ -227,8 +336,14 @@ def aggregate(results: list[dict]) -> list[dict]:
             "test_acc_std": statistics.stdev(test) if len(test) > 1 else 0.0,
             "val_acc_mean": statistics.fmean(val) if all(v == v for v in val) else None,
             "drop": dense_mean - statistics.fmean(test),
+            "test_acc_no_tta_mean": statistics.fmean(plain),
+            "test_acc_no_tta_std": statistics.stdev(plain) if len(plain) > 1 else 0.0,
             "total": rows[0]["total"], "prunable": rows[0]["prunable"], "nonzero": rows[0]["nonzero"],
         })
+        for level in TTA_LEVELS:  # the dense rows carry every TTA level, for the README
+            key = f"test_acc_tta{level}"
+            if all(key in r for r in rows):
+                table[-1][f"{key}_mean"] = statistics.fmean(r[key] for r in rows)
     table.sort(key=lambda r: (r["criterion"] != "dense", r["criterion"], -r["keep"], r["finetuned"]))
     return table
 
@@ -254,7 +369,8 @@ def _ship_finetuned(stats: dict[bool, dict], min_gain: float) -> bool:
 
 
 def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean: list[float],
-           std: list[float], cfg: TrainConfig, net_cfg: NetConfig, results: list[dict]) -> dict:
+           std: list[float], cfg: TrainConfig, pcfg: PruneConfig, net_cfg: NetConfig, results: list[dict],
+           hardware: dict) -> dict:
     out = Path(args.out)
     (out / "variants").mkdir(parents=True, exist_ok=True)
     release_dir = Path(args.work_dir) / f"seed-{args.release_seed}"
@@ -263,7 +379,8 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
     variants = []
     shipped = (args.ship_criterion, "dense")
     for keep in args.keeps:
-        stats = {r["finetuned"]: r for r in table if r["keep"] == keep and r["criterion"] in shipped}
+        stats = {r["finetuned"]: r for r in table if r["keep"] == keep and r["criterion"] in shipped
+                 and r["granularity"] == "weight"}
         finetuned = _ship_finetuned(stats, args.ship_finetune_min_gain)
         best = stats[finetuned]
         source = release_dir / "variants" / _variant_file(args.ship_criterion, keep, finetuned)
@@ -276,7 +393,7 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
             "params": {"total": best["total"], "prunable": best["prunable"], "nonzero": best["nonzero"]},
             "finetuned": finetuned, "test_acc_per_seed": best["test_acc_per_seed"],
             "test_acc_mean": best["test_acc_mean"], "test_acc_std": best["test_acc_std"], "drop": best["drop"],
-            "val_acc_mean": best["val_acc_mean"],
+            "val_acc_mean": best["val_acc_mean"], "test_acc_no_tta_mean": best["test_acc_no_tta_mean"],
             # Masked variants need this file too (it is verified by its sha256 when they load).
             "base": "dense.safetensors" if checkpoint.base_reference(data, source) else None,
         })
@@ -292,7 +409,8 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
             "params": {"total": best["total"], "prunable": best["prunable"], "nonzero": best["nonzero"]},
             "finetuned": True, "test_acc_per_seed": best["test_acc_per_seed"],
             "test_acc_mean": best["test_acc_mean"], "test_acc_std": best["test_acc_std"], "drop": best["drop"],
-            "val_acc_mean": best["val_acc_mean"], "base": None,
+            "val_acc_mean": best["val_acc_mean"], "test_acc_no_tta_mean": best["test_acc_no_tta_mean"],
+            "base": None,
         })
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -302,17 +420,19 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
         "architecture": net_cfg.to_dict(),
         "training": {**cfg.to_dict(), "seeds": list(range(args.seeds)), "release_seed": args.release_seed,
                      "val_size": args.val_size, "train_limit": args.train_limit, "scope": args.scope,
-                     "floor": args.floor, "calib_images": args.calib_images, "finetune_steps": args.finetune_steps,
-                     "finetune_criteria": args.finetune_criteria, "finetune_max_keep": args.finetune_max_keep,
-                     "ship_criterion": args.ship_criterion, "ship_finetune_min_gain": args.ship_finetune_min_gain,
-                     "channel_keeps": args.channel_keeps, "channel_finetune_steps": args.channel_finetune_steps,
-                     "channel_finetune_lr": args.channel_finetune_lr},
+                     "floor": args.floor, "calib_images": args.calib_images, "ship_criterion": args.ship_criterion,
+                     "ship_finetune_min_gain": args.ship_finetune_min_gain,
+                     "methods": args.methods, "prune_max_keep": args.prune_max_keep, "phase2": pcfg.to_dict(),
+                     "channel_keeps": args.channel_keeps, "channel_steps": args.channel_steps,
+                     "channel_lr": args.channel_lr},
+        "hardware": {"export": hardware, "per_seed": [r.get("hardware") for r in results]},
+        "tta": args.tta,
         "timing": {  # measured when each seed ran (sweep time was not recorded by older runs: null)
             "train_seconds_per_seed": [round(sum(h["seconds"] for h in r["history"]), 1) for r in results],
             "sweep_seconds_per_seed": [round(r["sweep_seconds"], 1) if "sweep_seconds" in r else None
                                        for r in results],
         },
-        "eval_precision": "bf16" if cfg.bf16 else "fp32",
+        "eval_precision": cfg.precision,
         "dataset": dataset_info,
         "torch_version": torch.__version__,
         "git_commit": _git_commit(),
@@ -349,15 +469,30 @@ def main(argv: list[str] | None = None) -> int:
         "test_x": normalize(data.test_images, mean, std), "test_y": data.test_labels,
     }
     net_cfg = NetConfig(widths=tuple(args.widths), stem_width=args.stem_width, num_classes=len(data.classes))
-    cfg = _train_config(args)
+    try:
+        device = select_device(args.device)
+        precision = select_precision(args.precision, device)
+    except ValueError as exc:
+        print(f"prune-train: error: {exc}", file=sys.stderr)
+        return 2
+    hardware = describe(device, precision)
+    print(f"prune-train: {hardware['device']} ({hardware.get('gpu_model', hardware['cpu_model'])}), "
+          f"precision {precision}, torch {hardware['torch_version']}", flush=True)
+    _guard_work_dir(args, data.describe()["sha256"])
+    splits = {k: v.to(device) for k, v in splits.items()}
+    cfg = _train_config(args, precision)
+    pcfg = _prune_config(args)
     if len(splits["train_y"]) < cfg.batch_size:
         cfg.batch_size = max(1, len(splits["train_y"]))  # tiny data sets (smoke tests)
-    results = [run_seed(args, seed, splits, cfg, net_cfg) for seed in range(args.seeds)]
+    began = time.perf_counter()
+    results = [run_seed(args, seed, splits, cfg, pcfg, net_cfg, device, hardware) for seed in range(args.seeds)]
     for seed in range(args.seeds):  # structured variants reuse each seed's trained model
-        channel_rows = run_channel_seed(args, seed, splits, cfg)
+        channel_rows = run_channel_seed(args, seed, splits, cfg, pcfg, device)
         results[seed] = {**results[seed], "rows": results[seed]["rows"] + channel_rows}
+    print(f"prune-train: seeds, sweeps and channel variants took {time.perf_counter() - began:.1f} s in this "
+          "invocation", flush=True)
     table = aggregate(results)
-    manifest = export(args, table, data.describe(), mean, std, cfg, net_cfg, results)
+    manifest = export(args, table, data.describe(), mean, std, cfg, pcfg, net_cfg, results, hardware)
     dense = manifest["variants"][0]
     print(f"exported {len(manifest['variants'])} variants to {args.out}: dense test accuracy "
           f"{dense['test_acc_mean']:.2f} ± {dense['test_acc_std']:.2f} % over {args.seeds} seed(s)")

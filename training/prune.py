@@ -43,11 +43,11 @@ def importance(model: GatedNet, criterion: str, seed: int = 0) -> dict[str, Tens
     scores = {}
     for index, (name, layer) in enumerate(model.gated_layers()):
         if criterion == "gate":
-            scores[name] = layer.score.detach().float().clone()
+            scores[name] = layer.score.detach().float().cpu().clone()
         elif criterion == "gate_magnitude":
-            scores[name] = (layer.weight * layer.gate()).abs().float()
+            scores[name] = (layer.weight * layer.gate()).abs().float().cpu()
         elif criterion == "magnitude":
-            scores[name] = layer.weight.detach().abs().float()
+            scores[name] = layer.weight.detach().abs().float().cpu()
         else:
             generator = torch.Generator().manual_seed(seed * 1000 + index)
             scores[name] = torch.rand(layer.weight.shape, generator=generator)
@@ -150,7 +150,7 @@ def channel_importance(model: GatedNet) -> dict[str, Tensor]:
     for (name, _, bn, _), consumer in zip(chain, consumers):
         read = consumer.effective_weight().detach().abs().float()
         mass = read.sum(dim=(0, 2, 3)) if read.dim() == 4 else read.sum(dim=0)
-        scores[name] = bn.weight.detach().abs().float() * mass
+        scores[name] = (bn.weight.detach().abs().float() * mass).cpu()
     return scores
 
 
@@ -166,7 +166,7 @@ def channel_masks(model: GatedNet, keep: float) -> dict[str, Tensor]:
         alive = torch.zeros(scores.numel(), dtype=torch.bool)
         alive[_stable_top(scores, channel_counts(scores.numel(), keep))] = True
         kept[name] = alive
-    masks = {name: torch.ones_like(layer.weight, dtype=torch.bool) for name, layer in model.gated_layers()}
+    masks = {name: torch.ones(layer.weight.shape, dtype=torch.bool) for name, layer in model.gated_layers()}
     consumers = [name for name, _, _, _ in chain[1:]] + ["head"]
     for (name, _, _, _), consumer in zip(chain, consumers):
         masks[name][~kept[name]] = False

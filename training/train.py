@@ -1,15 +1,23 @@
-"""Phase 1 (train the gated network) and the helpers phase 2/3 need (evaluate, BN recalibration,
-masked fine-tune). Reads top to bottom in the order the data flows.
+"""Training, in the order the data flows: augment → phase 1 (the dense gated network, airbench94's
+recipe) → phase 2 (prune to a keep ratio while fine-tuning, distilled from the dense network) →
+evaluate (optionally with test-time augmentation) → BN recalibration.
 
-The gates learn importance through straight-through top-K (``gate_method='st_topk'``): on most
-steps a keep ratio is drawn at random, the weights whose scores are outside the top-K are masked in
-the forward pass, and the backward pass sends every score the gradient it would get if its weight
-were on (edge-popup / movement-pruning style). Scores therefore rank weights by how much the loss
-needs them, at every sparsity — which is exactly what top-K pruning asks of them afterwards.
+Phase 1 follows KellerJordan/cifar10-airbench (airbench94.py): a frozen patch-whitening stem, dirac
+init of the other convs, BatchNorm weights frozen with their biases at 64× the learning rate, Nesterov
+SGD at batch 1024 on a summed loss with label smoothing 0.2, a warm-up / linear-decay schedule,
+alternating flips + 2-pixel reflect translation, and a lookahead EMA every 5 steps. Gate scores stay
+fixed in phase 1 (``gate_method='frozen'``) so the dense network gets the whole recipe.
+
+Phase 2 learns the gates: for one target keep ratio, the kept share shrinks on Zhu & Gupta's cubic
+schedule; each step keeps the global top-K by the gated weight |W·sigmoid(S)| with a straight-through
+mask (pruned weights freeze, but their scores still get the gradient they would get if they were on,
+so a weight the loss wants back can return). The mask is then fixed at the exact top-K and the
+survivors fine-tune to convergence, distilled from the dense network's logits on the same batch.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -20,61 +28,130 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.hardware import autocast_dtype
 from training.model import GatedNet
+from training.prune import prune
 
-GATE_METHODS = ("st_topk", "penalty", "none")
+GATE_METHODS = ("frozen", "st_topk", "penalty", "none")
+TTA_LEVELS = (0, 1, 2)  # 0: none; 1: + mirror (2 views); 2: + mirror of two 1-pixel translations (6 views)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 15
-    batch_size: int = 512
-    lr: float = 0.4  # peak SGD learning rate of the triangular (one-cycle) schedule
-    warmup: float = 0.2  # fraction of steps spent ramping the learning rate up
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # on conv/linear weights only; BN, biases and scores are not decayed
-    label_smoothing: float = 0.2  # airbench's value: better-calibrated logits, a few tenths of accuracy
-    translate: int = 2  # random-crop padding in pixels (airbench uses 2 for short schedules)
-    gate_method: str = "st_topk"
-    gate_lr: float = 0.003  # Adam on scores: scores must move O(1) while weights move O(0.05)
-    gate_dense_prob: float = 0.5  # st_topk: share of steps trained dense, so the full model stays strong
+    # -- phase 1: airbench94's recipe (values from airbench94.py unless said) -------------------------
+    epochs: float = 18.0  # airbench94 uses 9.9 on 50k images; pruning needs a stronger dense start
+    batch_size: int = 1024
+    lr: float = 11.5  # per 1024 examples before the momentum normalisation (airbench's convention)
+    momentum: float = 0.85
+    weight_decay: float = 0.0153  # per 1024 examples, decoupled from the learning rate
+    bias_scaler: float = 64.0  # BatchNorm biases learn this much faster (their weights are frozen at 1)
+    warmup: float = 0.23  # share of steps ramping the learning rate from lr_start to 1 ...
+    lr_start: float = 0.2  # ... (as a multiple of lr) ...
+    lr_end: float = 0.07  # ... then linearly down to this multiple at the last step
+    label_smoothing: float = 0.2
+    translate: int = 2  # reflect-padded random translation in pixels
+    whiten: bool = True  # stem = frozen whitening filters from the training set's 3×3 patch covariance
+    lookahead: bool = True  # EMA of the weights pulled back into the net every 5 steps (decay ramps up)
+    # -- gates during phase 1 ------------------------------------------------------------------------
+    gate_method: str = "frozen"  # frozen | st_topk | penalty | none (see GATE_METHODS and README)
+    gate_lr: float = 0.003  # Adam on scores (st_topk / penalty)
+    gate_dense_prob: float = 0.5  # st_topk: share of steps trained dense
     gate_min_keep: float = 0.03  # st_topk: random keep ratios are drawn from [this, 1] ...
     gate_keep_dist: str = "log"  # ... log-uniformly ("log") or uniformly ("uniform")
     gate_rank: str = "effective"  # st_topk masks rank by the score S ("score") or by |W·sigmoid(S)| ("effective")
-    gate_start_epoch: int = 1  # st_topk: dense epochs first, so scores separate before masks are drawn
-    gate_penalty: float = 1.0  # penalty method: weight of mean(sigmoid(S)), ramped up linearly from 0
-    bf16: bool = True  # bfloat16 autocast: ~3x faster on CPUs with AMX, fp32 master weights
+    gate_start_epoch: int = 1  # st_topk: dense epochs first
+    gate_penalty: float = 1.0  # penalty: weight of mean(sigmoid(S)), ramped up linearly from 0
+    # -- where and how it runs (resolved by training.hardware before training) ----------------------
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; master weights stay float32)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def autocast(enabled: bool) -> torch.autocast:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+@dataclass
+class PruneConfig:
+    """Phase 2: one target keep, from the trained dense network."""
+
+    steps: int = 300  # optimiser steps in all (gradual pruning, then fixed-mask fine-tune)
+    prune_share: float = 0.5  # share of the steps over which the kept share falls (cubic) to the target
+    lr: float = 0.25  # peak learning rate as a multiple of the phase-1 lr
+    gate_lr: float = 0.01  # Adam on the scores while pruning (0 = magnitude-only gradual pruning)
+    distill: float = 0.5  # weight of the distillation term (0 = labels only)
+    temperature: float = 2.0  # distillation temperature
+    gradual: bool = True  # False: one-shot top-K at step 0, then fine-tune with that mask
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def autocast(device: torch.device | str, precision: str) -> torch.autocast:
+    """Autocast for ``precision`` on ``device`` (a no-op for fp32)."""
+    device_type = torch.device(device).type
+    dtype = autocast_dtype(precision)
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 # ---------------------------------------------------------------------------------------------
-# Augmentation, on whole float batches (no per-image Python work)
+# Augmentation, on whole batches (random numbers drawn on the CPU: the same run on any device)
 # ---------------------------------------------------------------------------------------------
-def augment(images: Tensor, translate: int, generator: torch.Generator) -> Tensor:
-    """Random horizontal flip + random crop from a reflect-padded image."""
+def translate_batch(images: Tensor, shifts: Tensor, pad: int) -> Tensor:
+    """Crop every image from its reflect-padded copy at offset ``shifts[i] = (dx, dy)`` in [0, 2·pad]:
+    one gather, returned channels-last (which the convolutions want anyway)."""
+    if pad <= 0:
+        return images.contiguous(memory_format=torch.channels_last)
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pad,) * 4, mode="reflect").permute(0, 2, 3, 1)  # [n, h+2p, w+2p, c]
+    shifts = shifts.to(images.device)
+    rows = torch.arange(h, device=images.device)[None, :] + shifts[:, 1:2]
+    cols = torch.arange(w, device=images.device)[None, :] + shifts[:, 0:1]
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def augment(images: Tensor, translate: int, generator: torch.Generator, flip: Tensor | None = None) -> Tensor:
+    """Horizontal flip (random, or the given per-image choice) + random translation."""
     n = images.shape[0]
-    flip = torch.rand(n, generator=generator) < 0.5
+    if flip is None:
+        flip = torch.rand(n, generator=generator) < 0.5
     images = torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(3), images)
-    if translate <= 0:
-        return images
-    padded = F.pad(images, (translate,) * 4, mode="reflect")
-    size = images.shape[-1]
     shifts = torch.randint(0, 2 * translate + 1, (n, 2), generator=generator)
-    out = torch.empty_like(images)
-    for dx in range(2 * translate + 1):
-        for dy in range(2 * translate + 1):
-            idx = ((shifts[:, 0] == dx) & (shifts[:, 1] == dy)).nonzero().flatten()
-            if len(idx):
-                idx = idx.to(images.device)
-                out[idx] = padded[idx, :, dy:dy + size, dx:dx + size]
-    return out
+    return translate_batch(images, shifts, translate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation (airbench): whitening stem, dirac convs
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def whiten_stem(model: GatedNet, images: Tensor, eps: float = 5e-4) -> None:
+    """Set the stem's filters to ± the top eigenvectors of the 3×3 patch covariance, each scaled by
+    1/sqrt(eigenvalue): the first layer decorrelates pixels, so later layers learn faster."""
+    conv = model.stem
+    k = conv.kernel_size[0]
+    c = images.shape[1]
+    patches = images.float().unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, c * k * k)
+    cov = (patches.T @ patches) / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov.double())
+    eigenvalues, eigenvectors = eigenvalues.flip(0).float(), eigenvectors.T.flip(0).float()
+    pairs = min(conv.out_channels // 2, c * k * k)
+    filters = (eigenvectors[:pairs] / torch.sqrt(eigenvalues[:pairs, None] + eps)).view(pairs, c, k, k)
+    conv.weight[:pairs] = filters.to(conv.weight)
+    conv.weight[pairs:2 * pairs] = -filters.to(conv.weight)
+
+
+@torch.no_grad()
+def dirac_init(model: GatedNet) -> None:
+    """Every conv after the stem starts as a partial identity (its first C_in filters pass the input
+    through), so the untrained network is close to the whitened image, as in airbench."""
+    for name, layer in model.gated_layers():
+        if name != "stem" and layer.weight.dim() == 4:
+            nn.init.dirac_(layer.weight[:layer.weight.size(1)])
+
+
+def prepare(model: GatedNet, cfg: TrainConfig, images: Tensor) -> None:
+    """Initialise a fresh model for phase 1 (deterministic given the torch seed)."""
+    if cfg.whiten:
+        whiten_stem(model, images[:5000])
+    dirac_init(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +168,7 @@ def sampled_train_masks(model: GatedNet, keep: float, rank: str = "score") -> di
     else:
         ranks = {name: layer.score.detach() for name, layer in layers}
     flat = torch.cat([r.flatten() for r in ranks.values()])
-    sample = flat[:: max(1, len(flat) // 200_000)]
+    sample = flat[:: max(1, len(flat) // 200_000)].float()
     k = max(1, int(round((1 - keep) * len(sample))))
     threshold = sample.kthvalue(k).values
     return {name: (ranks[name] > threshold).to(layer.weight.dtype) for name, layer in layers}
@@ -107,29 +184,84 @@ def _draw_keep(cfg: TrainConfig, generator: torch.Generator) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Optimiser (airbench's scaling)
 # ---------------------------------------------------------------------------------------------
-def _param_groups(model: GatedNet, cfg: TrainConfig) -> tuple[list, list]:
-    decay, no_decay, scores = [], [], []
+def _sgd(model: GatedNet, cfg: TrainConfig, lr_multiple: float = 1.0) -> torch.optim.SGD:
+    """Nesterov SGD on a *summed* loss. airbench divides the per-1024 rates by 1024·(1 + 1/(1 − momentum))
+    so that a step's size does not depend on the momentum; weight decay is set so the per-step decay
+    is ``weight_decay · batch / kilostep`` whatever the group's learning rate."""
+    kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
+    lr = cfg.lr / kilostep * lr_multiple
+    decay = cfg.weight_decay * cfg.batch_size / kilostep * lr_multiple
+    bn_biases, others = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or name.endswith(".score"):
             continue
-        if name.endswith(".score"):
-            scores.append(p)
-        elif p.ndim > 1:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    sgd = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return sgd, scores
+        is_bn = any(isinstance(m, nn.BatchNorm2d) and p is m.bias for m in model.modules())
+        (bn_biases if is_bn else others).append(p)
+    groups = [{"params": others, "lr": lr, "weight_decay": decay / lr, "base_lr": lr}]
+    if bn_biases:
+        bias_lr = lr * cfg.bias_scaler
+        groups.append({"params": bn_biases, "lr": bias_lr, "weight_decay": decay / bias_lr, "base_lr": bias_lr})
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
 
 
-def _lr_factor(step: int, total: int, warmup: float) -> float:
-    """Triangular one-cycle: linear up over ``warmup`` of the steps, then linearly down to zero."""
-    peak = max(1, int(warmup * total))
-    return step / peak if step < peak else max(0.0, (total - step) / max(1, total - peak))
+def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """airbench's schedule: lr_start → 1 over the warm-up share of steps, then linearly to lr_end."""
+    warm = max(1, int(cfg.warmup * total))
+    if step < warm:
+        frac = step / warm
+        return cfg.lr_start * (1 - frac) + frac
+    frac = (step - warm) / max(1, total - warm)
+    return (1 - frac) + cfg.lr_end * frac
 
 
+def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def _freeze_bn_weights(model: GatedNet) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.requires_grad_(False)
+
+
+class Lookahead:
+    """airbench's lookahead: every 5 steps the EMA moves towards the net and the net is reset to it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        current = model.state_dict()
+        for key, ema in self.state.items():
+            ema.lerp_(current[key], 1 - decay)
+            current[key].copy_(ema)
+
+
+def _grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def _step(loss: Tensor, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        return
+    scaler.scale(loss).backward()
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: the dense gated network
+# ---------------------------------------------------------------------------------------------
 def train(
     model: GatedNet,
     images: Tensor,
@@ -139,23 +271,39 @@ def train(
     checkpoint_dir: Path | None = None,
     progress: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
-    """Train ``model`` on normalised float ``images``; resumable from per-epoch checkpoints.
+    """Train ``model`` (already on the images' device) on normalised ``images``; resumable.
 
     Returns one log entry per epoch (loss, seconds). A checkpoint ``epoch-NN.pt`` (tensors only,
     loaded with ``weights_only=True``) is written after each epoch and resumed from when present.
     """
     if cfg.gate_method not in GATE_METHODS:
         raise ValueError(f"unknown gate method {cfg.gate_method!r}; choose from {', '.join(GATE_METHODS)}")
+    device = images.device
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    sgd_groups, scores = _param_groups(model, cfg)
-    optimizer = torch.optim.SGD(sgd_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    score_optimizer = torch.optim.Adam(scores, lr=cfg.gate_lr) if cfg.gate_method != "none" else None
-    if cfg.gate_method == "none":
-        # The reference method: gates trained by the classification loss alone, same optimiser.
-        optimizer.add_param_group({"params": scores, "weight_decay": 0.0})
+    prepare(model, cfg, images)
+    _freeze_bn_weights(model)
+    if cfg.whiten:
+        model.stem.weight.requires_grad_(False)
+    scores = [layer.score for _, layer in model.gated_layers()]
+    for s in scores:
+        s.requires_grad_(cfg.gate_method != "frozen")
+    optimizer = _sgd(model, cfg)
+    score_optimizer = None
+    if cfg.gate_method in ("st_topk", "penalty"):
+        score_optimizer = torch.optim.Adam(scores, lr=cfg.gate_lr)
+        for group in score_optimizer.param_groups:
+            group["base_lr"] = cfg.gate_lr
+    elif cfg.gate_method == "none":  # the reference: scores trained by the loss alone, same optimiser
+        group = dict(optimizer.param_groups[0])
+        optimizer.add_param_group({"params": scores, "lr": group["lr"], "weight_decay": 0.0,
+                                   "base_lr": group["base_lr"]})
+    optimizers = [o for o in (optimizer, score_optimizer) if o is not None]
+    scaler = _grad_scaler(cfg.precision, device)
     steps_per_epoch = len(labels) // cfg.batch_size  # drop the ragged last batch: steady BN statistics
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    lookahead = Lookahead(model) if cfg.lookahead else None
+    flip_base = torch.rand(len(labels), generator=generator) < 0.5  # airbench: flips alternate per epoch
     history: list[dict] = []
 
     start_epoch = 0
@@ -163,59 +311,67 @@ def train(
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         done = sorted(checkpoint_dir.glob("epoch-*.pt"))
         if done:
-            state = torch.load(done[-1], map_location="cpu", weights_only=True)
+            state = torch.load(done[-1], map_location=device, weights_only=True)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if score_optimizer is not None:
                 score_optimizer.load_state_dict(state["score_optimizer"])
+            if lookahead is not None:
+                lookahead.state = state["lookahead"]
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             history = [dict(zip(state["history_keys"], row)) for row in state["history"].tolist()]
             start_epoch = int(state["epoch"])
 
     model.train()
-    for epoch in range(start_epoch, cfg.epochs):
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, math.ceil(cfg.epochs)):
         began = time.perf_counter()
         order = torch.randperm(len(labels), generator=generator)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)
+        steps_run = 0
         for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            factor = _lr_factor(step, total_steps, cfg.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * factor
-            if score_optimizer is not None:
-                for group in score_optimizer.param_groups:
-                    group["lr"] = cfg.gate_lr * factor
-
+            if step >= total_steps:
+                break
+            factor = _lr_factor(step, total_steps, cfg)
+            for opt in optimizers:
+                _set_lr(opt, factor)
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            batch = augment(images[idx], cfg.translate, generator).contiguous(memory_format=torch.channels_last)
-            target = labels[idx]
+            flip = flip_base[idx] ^ bool(epoch % 2)
+            batch = augment(images[idx.to(device)], cfg.translate, generator, flip)
+            target = labels[idx.to(device)]
 
             masked = cfg.gate_method == "st_topk" and epoch >= cfg.gate_start_epoch
             keep = _draw_keep(cfg, generator) if masked else 1.0
             model.set_train_masks(sampled_train_masks(model, keep, cfg.gate_rank) if keep < 1.0 else None)
-            with autocast(cfg.bf16):
-                loss = F.cross_entropy(model(batch), target, label_smoothing=cfg.label_smoothing)
+            with autocast(device, cfg.precision):
+                loss = F.cross_entropy(model(batch), target, label_smoothing=cfg.label_smoothing,
+                                       reduction="sum")
             if cfg.gate_method == "penalty":
                 gates = torch.cat([layer.gate().flatten() for _, layer in model.gated_layers()])
-                loss = loss + cfg.gate_penalty * (step / total_steps) * gates.mean()
-            optimizer.zero_grad(set_to_none=True)
-            if score_optimizer is not None:
-                score_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if score_optimizer is not None:
-                score_optimizer.step()
-            loss_sum += loss.item()
+                loss = loss + len(idx) * cfg.gate_penalty * (step / total_steps) * gates.mean()
+            _step(loss, optimizers, scaler)
+            step += 1
+            steps_run += 1
+            if lookahead is not None and step % 5 == 0:
+                lookahead.update(model, decay=0.95 ** 5 * (step / total_steps) ** 3)
+            loss_sum += loss.detach() / len(idx)
+        if lookahead is not None and step >= total_steps:
+            lookahead.update(model, decay=1.0)  # finish on the averaged weights
         model.set_train_masks(None)
 
-        entry = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "seconds": time.perf_counter() - began}
+        entry = {"epoch": epoch + 1, "loss": loss_sum.item() / max(1, steps_run),
+                 "seconds": time.perf_counter() - began}
         history.append(entry)
         if checkpoint_dir is not None:
             keys = list(entry)
             state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "score_optimizer": score_optimizer.state_dict() if score_optimizer is not None else {},
+                "lookahead": lookahead.state if lookahead is not None else {},
+                "scaler": scaler.state_dict() if scaler is not None else {},
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
                 "history": torch.tensor([[h[k] for k in keys] for h in history], dtype=torch.float64),
                 "history_keys": keys,
@@ -228,33 +384,166 @@ def train(
                     old.unlink()
         if progress is not None:
             progress(epoch + 1, entry)
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
     return history
 
 
 # ---------------------------------------------------------------------------------------------
+# Phase 2: prune to a keep ratio while fine-tuning, distilled from the dense network
+# ---------------------------------------------------------------------------------------------
+def _distill_loss(logits: Tensor, teacher: Tensor | None, target: Tensor, cfg: TrainConfig,
+                  pcfg: PruneConfig) -> Tensor:
+    """Summed over the batch: (1 − a)·CE(labels, smoothed) + a·T²·KL(teacher_T ‖ student_T)."""
+    hard = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing, reduction="sum")
+    if teacher is None or pcfg.distill <= 0:
+        return hard
+    t = pcfg.temperature
+    soft = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(teacher.float() / t, 1),
+                    log_target=True, reduction="sum") * t * t
+    return (1 - pcfg.distill) * hard + pcfg.distill * soft
+
+
+def _kept_share(step: int, total: int, keep: float, share: float) -> float:
+    """Zhu & Gupta's cubic schedule: from 1 down to ``keep`` over the first ``share`` of the steps."""
+    span = max(1, int(share * total))
+    frac = min(1.0, step / span)
+    return keep + (1 - keep) * (1 - frac) ** 3
+
+
+def prune_finetune(
+    model: GatedNet,
+    images: Tensor,
+    labels: Tensor,
+    keep: float,
+    cfg: TrainConfig,
+    pcfg: PruneConfig,
+    seed: int,
+    teacher: nn.Module | None = None,
+    masks: dict[str, Tensor] | None = None,
+    scope: str = "global",
+    floor: float = 0.0,
+) -> dict[str, Tensor]:
+    """Prune ``model`` to ``keep`` and fine-tune it (phase 2); returns the final masks, installed.
+
+    ``masks`` given (channel variants): those masks are installed from the start and only fine-tuned.
+    Else gradual (``pcfg.gradual``): the kept share falls on a cubic schedule with straight-through
+    top-K masks by |W·sigmoid(S)|, scores learning at ``pcfg.gate_lr``; after ``prune_share`` of the
+    steps the exact top-K is fixed. One-shot: the exact top-K from step 0.
+    """
+    device = images.device
+    generator = torch.Generator().manual_seed(seed + 7919)
+    if teacher is not None:
+        teacher = copy.deepcopy(teacher).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    _freeze_bn_weights(model)
+    scores = [layer.score for _, layer in model.gated_layers()]
+    learn_gates = masks is None and pcfg.gradual and pcfg.gate_lr > 0
+    for s in scores:
+        s.requires_grad_(False)
+    optimizer = _sgd(model, cfg, pcfg.lr)
+    score_optimizer = None
+    if learn_gates:
+        for s in scores:
+            s.requires_grad_(True)
+        score_optimizer = torch.optim.Adam(scores, lr=pcfg.gate_lr)
+        for group in score_optimizer.param_groups:
+            group["base_lr"] = pcfg.gate_lr
+    scaler = _grad_scaler(cfg.precision, device)
+
+    fixed_from = int(pcfg.prune_share * pcfg.steps) if (masks is None and pcfg.gradual) else 0
+    if masks is not None:
+        model.set_masks(masks)
+    elif fixed_from == 0:
+        masks = prune(model, "gate_magnitude", keep, scope, floor, seed)
+    model.train()
+    for step in range(pcfg.steps):
+        if step == fixed_from and masks is None:
+            model.set_train_masks(None)
+            masks = prune(model, "gate_magnitude", keep, scope, floor, seed)
+            if score_optimizer is not None:  # the mask is final: the scores have done their work
+                for s in scores:
+                    s.requires_grad_(False)
+                    s.grad = None
+                score_optimizer = None
+        if step < fixed_from:
+            share = _kept_share(step, fixed_from, keep, 1.0)
+            model.set_train_masks(sampled_train_masks(model, share, "effective") if share < 1.0 else None)
+        # Short warm-up, then linear decay to zero: converge on the final mask.
+        warm = max(1, pcfg.steps // 20)
+        factor = step / warm if step < warm else (pcfg.steps - step) / max(1, pcfg.steps - warm)
+        optimizers = [o for o in (optimizer, score_optimizer) if o is not None]
+        for opt in optimizers:
+            _set_lr(opt, factor)
+        idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=generator).to(device)
+        batch = augment(images[idx], cfg.translate, generator)
+        with autocast(device, cfg.precision):
+            teacher_logits = None
+            if teacher is not None and pcfg.distill > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(batch)
+            loss = _distill_loss(model(batch), teacher_logits, labels[idx], cfg, pcfg)
+        _step(loss, optimizers, scaler)
+    model.set_train_masks(None)
+    if masks is None:  # zero steps asked for
+        masks = prune(model, "gate_magnitude", keep, scope, floor, seed)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return masks
+
+
+def finetune(model: GatedNet, images: Tensor, labels: Tensor, steps: int, cfg: TrainConfig, seed: int,
+             lr: float = 0.25, teacher: nn.Module | None = None, pcfg: PruneConfig | None = None) -> None:
+    """Fine-tune with the masks already installed on ``model`` (scores fixed, pruned weights stay 0)."""
+    masks = {name: layer.mask if layer.mask is not None else torch.ones_like(layer.weight, dtype=torch.bool)
+             for name, layer in model.gated_layers()}
+    pcfg = PruneConfig(steps=steps, lr=lr, gradual=False) if pcfg is None else pcfg
+    prune_finetune(model, images, labels, 1.0, cfg, pcfg, seed, teacher=teacher, masks=masks)
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation helpers
 # ---------------------------------------------------------------------------------------------
+def tta_logits(forward: Callable[[Tensor], Tensor], x: Tensor, level: int) -> Tensor:
+    """airbench's test-time augmentation: 0 = the image; 1 = mean with its mirror; 2 = half that, half
+    the mirrored pair of two 1-pixel reflect translations (6 views in all)."""
+    if level == 0:
+        return forward(x)
+    mirrored = 0.5 * forward(x) + 0.5 * forward(x.flip(-1))
+    if level == 1:
+        return mirrored
+    padded = F.pad(x, (1,) * 4, mode="reflect")
+    h, w = x.shape[-2:]
+    shifted = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]
+    translated = sum(0.5 * forward(v) + 0.5 * forward(v.flip(-1)) for v in shifted) / 2
+    return 0.5 * mirrored + 0.5 * translated
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 1000, bf16: bool = False) -> Tensor:
+def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 1000, precision: str = "fp32",
+                   tta: int = 0) -> Tensor:
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].contiguous(memory_format=torch.channels_last)
-        with autocast(bf16):
-            outputs.append(model(batch).float())
+        with autocast(images.device, precision):
+            outputs.append(tta_logits(model, batch, tta).float())
     return torch.cat(outputs)
 
 
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, bf16: bool = False) -> float:
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, precision: str = "fp32", tta: int = 0) -> float:
     """Top-1 accuracy in percent."""
     if len(labels) == 0:
         return float("nan")
-    return (predict_logits(model, images, bf16=bf16).argmax(1) == labels).float().mean().item() * 100
+    logits = predict_logits(model, images, precision=precision, tta=tta)
+    return (logits.argmax(1) == labels).float().mean().item() * 100
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, images: Tensor, batch_size: int = 500, bf16: bool = False) -> None:
+def recalibrate_bn(model: nn.Module, images: Tensor, batch_size: int = 500, precision: str = "fp32") -> None:
     """Re-estimate BatchNorm running statistics for the current (pruned) weights.
 
     Pruning shifts every activation's distribution; statistics gathered for the dense network would
@@ -268,33 +557,8 @@ def recalibrate_bn(model: nn.Module, images: Tensor, batch_size: int = 500, bf16
         bn.momentum = None  # cumulative average over the calibration batches
     model.train()
     for start in range(0, len(images), batch_size):
-        with autocast(bf16):
+        with autocast(images.device, precision):
             model(images[start:start + batch_size].contiguous(memory_format=torch.channels_last))
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
-    model.eval()
-
-
-def finetune(model: GatedNet, images: Tensor, labels: Tensor, steps: int, cfg: TrainConfig, seed: int,
-             lr: float = 0.02) -> None:
-    """Short masked fine-tune: weights and BN train, scores and masks stay fixed, so every pruned
-    weight stays exactly zero (the mask multiplies it out of the forward pass and the gradient)."""
-    generator = torch.Generator().manual_seed(seed)
-    params = [p for n, p in model.named_parameters() if not n.endswith(".score")]
-    for _, layer in model.gated_layers():
-        layer.score.requires_grad_(False)
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True)
-    model.train()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine to zero
-        idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=generator)
-        batch = augment(images[idx], cfg.translate, generator).contiguous(memory_format=torch.channels_last)
-        with autocast(cfg.bf16):
-            loss = F.cross_entropy(model(batch), labels[idx], label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    for _, layer in model.gated_layers():
-        layer.score.requires_grad_(True)
     model.eval()
