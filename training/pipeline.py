@@ -101,12 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tr.add_argument("--gate-penalty", type=float, default=defaults.gate_penalty, help="penalty: its weight")
     pr = p.add_argument_group("phase 2: pruning")
     pr.add_argument("--keeps", type=float, nargs="+", default=list(DEFAULT_KEEPS), help="weight keep ratios")
-    pr.add_argument("--criteria", nargs="+", choices=CRITERIA, default=["gate_magnitude", "magnitude", "random"],
-                    help="one-shot criteria evaluated without fine-tuning (the baselines)")
+    pr.add_argument("--criteria", nargs="+", choices=CRITERIA, default=["gate_magnitude", "random"],
+                    help="one-shot criteria evaluated without fine-tuning (the baselines; 'magnitude' ranks "
+                         "exactly like gate_magnitude while phase 1 keeps the scores fixed)")
     pr.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
                     help="phase-2 methods: gate_magnitude = gradual top-K with learned gates (shipped); "
                          "magnitude_gradual = the same with gates frozen; magnitude = one-shot + the same fine-tune")
-    pr.add_argument("--prune-max-keep", type=float, default=0.5, help="phase 2 for keeps <= this (above it the "
+    pr.add_argument("--prune-max-keep", type=float, default=0.3, help="phase 2 for keeps <= this (above it the "
                                                                       "one-shot variants lose nothing measurable)")
     pr.add_argument("--prune-steps", type=int, default=prune_defaults.steps, help="phase-2 steps per variant "
                                                                                   "(0: no phase 2)")
@@ -128,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "points (the one-shot one costs N/8 bytes as a mask over dense.safetensors)")
     pr.add_argument("--channel-keeps", type=float, nargs="*", default=list(DEFAULT_CHANNEL_KEEPS),
                     help="channel-granularity variants: fraction of every conv's channels kept (none: skip)")
-    pr.add_argument("--channel-steps", type=int, default=400,
+    pr.add_argument("--channel-steps", type=int, default=300,
                     help="distilled fine-tune steps per channel variant (removing whole channels needs more)")
     pr.add_argument("--channel-lr", type=float, default=prune_defaults.lr, help="its peak lr, multiple of --lr")
     ev = p.add_argument_group("evaluation")

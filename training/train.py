@@ -72,7 +72,7 @@ class TrainConfig:
 class PruneConfig:
     """Phase 2: one target keep, from the trained dense network."""
 
-    steps: int = 300  # optimiser steps in all (gradual pruning, then fixed-mask fine-tune)
+    steps: int = 200  # optimiser steps in all (gradual pruning, then fixed-mask fine-tune)
     prune_share: float = 0.5  # share of the steps over which the kept share falls (cubic) to the target
     lr: float = 0.25  # peak learning rate as a multiple of the phase-1 lr
     gate_lr: float = 0.01  # Adam on the scores while pruning (0 = magnitude-only gradual pruning)
@@ -523,7 +523,7 @@ def tta_logits(forward: Callable[[Tensor], Tensor], x: Tensor, level: int) -> Te
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 1000, precision: str = "fp32",
+def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 2500, precision: str = "fp32",
                    tta: int = 0) -> Tensor:
     model.eval()
     outputs = []

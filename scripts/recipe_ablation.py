@@ -1,0 +1,62 @@
+"""Phase-1 recipe ablation on the validation split: one seed per setting, dense accuracy without TTA.
+
+Prints a table and, last, the winning setting's prune-train flags (so a script can pass them on).
+Usage: PYTHONPATH=. python3 scripts/recipe_ablation.py DATA [--device auto] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+import torch
+
+from training.data import channel_stats, load_dataset, normalize, split_validation
+from training.hardware import select_device, select_precision
+from training.model import GatedNet, NetConfig
+from training.train import TrainConfig, accuracy, recalibrate_bn, train
+
+SETTINGS = {  # name → (TrainConfig overrides, prune-train flags)
+    "default": ({}, []),
+    "fp32": ({"precision": "fp32"}, ["--precision", "fp32"]),
+    "epochs 30": ({"epochs": 30.0}, ["--epochs", "30"]),
+    "weight decay x2": ({"weight_decay": 0.0306}, ["--weight-decay", "0.0306"]),
+    "no whitening": ({"whiten": False}, ["--no-whiten"]),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("data")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="*", default=list(SETTINGS))
+    args = p.parse_args()
+    device = select_device(args.device)
+    precision = select_precision("auto", device)
+    data = load_dataset(args.data)
+    train_idx, val_idx = split_validation(data.train_labels, 5000, seed=0)
+    mean, std = channel_stats(data.train_images[train_idx])
+    tx, ty = normalize(data.train_images[train_idx], mean, std).to(device), data.train_labels[train_idx].to(device)
+    vx, vy = normalize(data.train_images[val_idx], mean, std).to(device), data.train_labels[val_idx].to(device)
+    calib = tx[torch.randperm(len(ty), generator=torch.Generator().manual_seed(args.seed))[:2000].to(device)]
+    results = {}
+    for name in args.only:
+        overrides, _ = SETTINGS[name]
+        cfg = replace(TrainConfig(precision=precision), **overrides)
+        torch.manual_seed(args.seed)
+        model = GatedNet(NetConfig()).to(device, memory_format=torch.channels_last)
+        began = time.perf_counter()
+        train(model, tx, ty, cfg, args.seed)
+        recalibrate_bn(model, calib, precision=cfg.precision)
+        results[name] = accuracy(model, vx, vy, cfg.precision)
+        print(f"{name:>18}: val acc {results[name]:.2f} %  ({time.perf_counter() - began:.1f} s)", flush=True)
+    best = max(results, key=results.get)
+    print(json.dumps({"val_acc": results, "best": best}))
+    print("FLAGS " + " ".join(SETTINGS[best][1]))
+
+
+if __name__ == "__main__":
+    main()
