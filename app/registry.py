@@ -20,6 +20,7 @@ from torch import Tensor
 
 from training.checkpoint import CheckpointError, load_model
 from training.compact import BATCH_BUCKETS, CompactNet, calibrate, compact
+from training.model import TTA_LEVELS, tta_logits
 
 log = logging.getLogger("app.registry")
 
@@ -49,6 +50,7 @@ class Variant:
     test_acc_per_seed: list[float]
     drop: float
     net: CompactNet = field(repr=False)
+    test_acc_no_tta_mean: float | None = None  # the same network without test-time augmentation
     latency: dict[int, dict[str, float]] = field(default_factory=dict)  # batch → p50_ms, p95_ms, images_per_s
 
     def throughput(self, batch: int = LATENCY_BATCHES[-1]) -> float:
@@ -60,6 +62,7 @@ class Variant:
             "criterion": self.criterion, "finetuned": self.finetuned, "params": self.params,
             "checkpoint_bytes": self.bytes, "base_checkpoint": self.base, "test_acc_mean": self.test_acc_mean,
             "test_acc_std": self.test_acc_std, "test_acc_per_seed": self.test_acc_per_seed, "drop": self.drop,
+            "test_acc_no_tta_mean": self.test_acc_no_tta_mean,
             "latency": {f"batch_{b}": v for b, v in sorted(self.latency.items())},
             "resident_bytes": self.net.nbytes(), "execution": self.net.describe(),
             "backends": self.net.backend_summary(),
@@ -76,6 +79,7 @@ class Registry:
                  ) -> None:
         self.models_dir = Path(models_dir)
         self.precision = precision
+        self.tta = 0  # test-time augmentation level, from the manifest
         self.onnx_runtime = onnx_runtime
         self.probe_runs = probe_runs
         self.manifest: dict = {}
@@ -124,6 +128,9 @@ class Registry:
             self.classes = [str(c) for c in self.manifest["classes"]]
             self.mean = [float(x) for x in self.manifest["normalization"]["mean"]]
             self.std = [float(x) for x in self.manifest["normalization"]["std"]]
+            self.tta = int(self.manifest.get("tta", 0))
+            if self.tta not in TTA_LEVELS:
+                raise ValueError(f"tta must be one of {TTA_LEVELS}, got {self.tta}")
             variants = self.manifest["variants"]
             if not variants:
                 raise ModelsError(f"{path}: manifest lists no variants")
@@ -158,7 +165,8 @@ class Registry:
             base=entry.get("base"),
             test_acc_mean=float(entry["test_acc_mean"]), test_acc_std=float(entry["test_acc_std"]),
             test_acc_per_seed=[float(a) for a in entry.get("test_acc_per_seed", [])], drop=float(entry["drop"]),
-            net=net,
+            net=net, test_acc_no_tta_mean=(float(entry["test_acc_no_tta_mean"])
+                                           if entry.get("test_acc_no_tta_mean") is not None else None),
         )
 
     def _measure(self) -> None:
@@ -187,7 +195,9 @@ class Registry:
     def forward(self, variant: Variant, images: Tensor) -> Tensor:
         """Normalised float images [N, 3, 32, 32] → class probabilities [N, C] (float32)."""
         with self._lock:
-            logits = variant.net(images.contiguous(memory_format=torch.channels_last))
+            # The manifest's test-time augmentation (its accuracies were measured with it): every view
+            # of every image goes through the network in one batch, so its cost is in every latency.
+            logits = tta_logits(variant.net, images.contiguous(memory_format=torch.channels_last), self.tta)
         return torch.softmax(logits.float(), dim=1)
 
     # -- selection -------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
     reference_bytes = dense_checkpoint_bytes(dense_model)
 
     def torch_dense(x: torch.Tensor) -> object:
-        with torch.inference_mode(), autocast(args.precision == "bf16"):
+        with torch.inference_mode(), autocast("cpu", args.precision):
             return dense_model(x)
 
     runners: dict[str, Runner] = {"dense PyTorch": torch_dense}

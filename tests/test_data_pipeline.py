@@ -122,8 +122,8 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
     out, work = tmp_path / "models", tmp_path / "runs"
     args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(work), "--seeds", "2",
             "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
-            "--val-size", "3", "--keeps", "0.5", "0.1", "--finetune-steps", "1", "--calib-images", "8",
-            "--no-bf16", "--floor", "0.01", "--channel-keeps", "0.5", "--channel-finetune-steps", "2"]
+            "--val-size", "3", "--keeps", "0.5", "0.1", "--prune-steps", "1", "--calib-images", "8",
+            "--precision", "fp32", "--floor", "0.01", "--channel-keeps", "0.5", "--channel-steps", "2"]
     assert prune_train(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schema_version"] == 1 and manifest["classes"] == list(CLASSES)
@@ -143,11 +143,15 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
         assert nonzero == round(variant["keep"] * variant["params"]["prunable"])
         assert len(variant["test_acc_per_seed"]) == 2
         assert variant["file"].endswith("-ft.safetensors") == variant["finetuned"]
-        if not variant["finetuned"]:  # stored as a mask over dense.safetensors: no weight values at all
-            with safe_open(str(path), framework="pt") as f:
-                assert not any(k.endswith("::values") for k in f.keys() if ".bn" not in k)
+        if not variant["finetuned"]:  # stored as masks over dense.safetensors (or sparser still, where a
+            with safe_open(str(path), framework="pt") as f:  # layer keeps a handful of weights: delta-coded)
+                bits = [k for k in f.keys() if k.endswith("::bits")]
+                values = [k for k in f.keys() if k.endswith("::values")]
+                assert bits and len(values) <= 1 and variant["base"] == "dense.safetensors"
     criteria = {(r["criterion"], r["finetuned"]) for r in manifest["sweep"]}
-    assert {("gate", False), ("gate_magnitude", True), ("magnitude", True), ("random", False)} <= criteria
+    assert {("gate_magnitude", False), ("gate_magnitude", True), ("magnitude_gradual", True), ("magnitude", True),
+            ("random", False)} <= criteria
+    assert manifest["tta"] == 2 and manifest["hardware"]["per_seed"][0]["device"] == "cpu"
     for name in ("tradeoff.png", "results.csv", "results.md", "dense.safetensors"):
         assert (out / name).stat().st_size > 0
     assert Image.open(out / "tradeoff.png").format == "PNG"
@@ -156,14 +160,17 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
     assert prune_train(args) == 0
     again = json.loads((out / "manifest.json").read_text())
     assert again["variants"] == json.loads(first)["variants"]
+    # ... but a work dir made with other flags is refused, never mixed in.
+    with pytest.raises(SystemExit, match="other settings.*epochs"):
+        prune_train([*args, "--epochs", "2"])
 
 
 def test_same_seed_same_numbers(image_folder: Path, tmp_path: Path) -> None:
     def run(tag: str) -> dict:
         args = ["--data", str(image_folder), "--out", str(tmp_path / tag), "--work-dir", str(tmp_path / f"w{tag}"),
                 "--seeds", "1", "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
-                "--val-size", "3", "--keeps", "0.3", "--finetune-steps", "0", "--calib-images", "8", "--no-bf16",
-                "--channel-keeps", "0.5", "--channel-finetune-steps", "2"]
+                "--val-size", "3", "--keeps", "0.3", "--prune-steps", "0", "--calib-images", "8", "--precision", "fp32",
+                "--channel-keeps", "0.5", "--channel-steps", "2"]
         assert prune_train(args) == 0
         return json.loads((tmp_path / tag / "manifest.json").read_text())
 
@@ -180,7 +187,7 @@ def test_summary_quotes_the_manifest(image_folder: Path, tmp_path: Path) -> None
     out = tmp_path / "models"
     args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(tmp_path / "runs"), "--seeds", "1",
             "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8", "--val-size", "3",
-            "--keeps", "0.3", "0.1", "0.05", "--finetune-steps", "1", "--calib-images", "8", "--no-bf16",
+            "--keeps", "0.3", "0.1", "0.05", "--prune-steps", "1", "--calib-images", "8", "--precision", "fp32",
             "--channel-keeps"]  # none
     assert prune_train(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())

@@ -135,7 +135,7 @@ def test_finetune_keeps_pruned_weights_exactly_zero() -> None:
     images = torch.randn(16, 3, 32, 32)
     labels = torch.randint(0, TINY.num_classes, (16,))
     before = {n: layer.weight.detach().clone() for n, layer in model.gated_layers()}
-    finetune(model, images, labels, steps=3, cfg=TrainConfig(batch_size=8, bf16=False), seed=0)
+    finetune(model, images, labels, steps=3, cfg=TrainConfig(batch_size=8), seed=0)
     for name, layer in model.gated_layers():
         effective = layer.effective_weight().detach()
         assert (effective[~masks[name]] == 0).all()

@@ -11,6 +11,7 @@ and never pruned; they are counted in ``total`` parameters, not in ``prunable``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -200,3 +201,21 @@ def count_parameters(model: GatedNet) -> dict[str, int]:
     other = sum(p.numel() for p in model.parameters() if id(p) not in gated)
     return {"total": prunable + other, "prunable": prunable, "nonzero": nonzero_prunable + other}
 
+
+
+TTA_LEVELS = (0, 1, 2)  # 0: none; 1: + mirror (2 views); 2: + mirror of two 1-pixel translations (6 views)
+
+
+def tta_logits(forward: Callable[[Tensor], Tensor], x: Tensor, level: int) -> Tensor:
+    """airbench's test-time augmentation: 0 = the image; 1 = mean with its mirror; 2 = half that, half
+    the mirrored pair of two 1-pixel reflect translations (6 views in all)."""
+    if level == 0:
+        return forward(x)
+    mirrored = 0.5 * forward(x) + 0.5 * forward(x.flip(-1))
+    if level == 1:
+        return mirrored
+    padded = F.pad(x, (1,) * 4, mode="reflect")
+    h, w = x.shape[-2:]
+    shifted = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]
+    translated = sum(0.5 * forward(v) + 0.5 * forward(v.flip(-1)) for v in shifted) / 2
+    return 0.5 * mirrored + 0.5 * translated

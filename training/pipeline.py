@@ -23,11 +23,10 @@ from tqdm import tqdm
 from training import checkpoint, report
 from training.data import DataError, channel_stats, load_dataset, normalize, split_validation
 from training.hardware import DEVICES_HELP, PRECISIONS, describe, select_device, select_precision
-from training.model import GatedNet, NetConfig, count_parameters
+from training.model import TTA_LEVELS, GatedNet, NetConfig, count_parameters
 from training.prune import CRITERIA, SCOPES, channel_masks, check_keep, prune
 from training.train import (
     GATE_METHODS,
-    TTA_LEVELS,
     PruneConfig,
     TrainConfig,
     accuracy,

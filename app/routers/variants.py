@@ -21,7 +21,7 @@ NOT_READY = {503: {"model": ErrorResponse, "description": "models not loaded"}}
             summary="One row per variant: size, accuracy (from training) and latency (measured here)")
 async def variants(service: Service = Depends(get_ready_service)) -> dict:
     registry = service.registry
-    return {"classes": registry.classes, "precision": registry.precision,
+    return {"classes": registry.classes, "precision": registry.precision, "tta": registry.tta,
             "resident_memory_bytes": resident_memory_bytes(),
             "variants": [v.describe() for v in registry.variants]}
 

@@ -1,0 +1,126 @@
+"""Hardware-chosen device/precision (injected capabilities) and the pieces of the training recipe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+from training.hardware import Capabilities, describe, select_device, select_precision
+from training.model import tta_logits
+from training.prune import check_keep
+from training.train import (
+    PruneConfig,
+    TrainConfig,
+    _kept_share,
+    _lr_factor,
+    prune_finetune,
+    train,
+    translate_batch,
+    whiten_stem,
+)
+
+AVX2_ONLY = Capabilities(cpu_model="AMD EPYC 7B13", cpu_flags=frozenset({"avx2", "fma"}))
+AVX512_BF16 = Capabilities(cpu_model="AMD EPYC 9B45", cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16"}))
+AMX = Capabilities(cpu_model="Intel Xeon 8481C", cpu_flags=frozenset({"avx512f", "amx_bf16", "amx_tile"}))
+H100 = Capabilities(cpu_model="x", cuda_devices=("NVIDIA H100",), cuda_bf16=(True,))
+T4_AND_H100 = Capabilities(cpu_model="x", cuda_devices=("Tesla T4", "NVIDIA H100"), cuda_bf16=(False, True))
+
+
+@pytest.mark.parametrize(("caps", "expected"), [(AVX2_ONLY, "fp32"), (AVX512_BF16, "bf16"), (AMX, "bf16")])
+def test_cpu_auto_precision_is_bf16_only_with_native_units(caps: Capabilities, expected: str) -> None:
+    device = select_device("auto", caps)
+    assert device.type == "cpu"
+    assert select_precision("auto", device, caps) == expected
+    assert select_precision("fp32", device, caps) == "fp32"  # explicit choices are honoured
+    with pytest.raises(ValueError, match="fp16 is for GPUs"):
+        select_precision("fp16", device, caps)
+
+
+def test_cuda_is_chosen_when_present_with_bf16_or_fp16_by_capability() -> None:
+    assert select_device("auto", H100) == torch.device("cuda:0")
+    assert select_precision("auto", torch.device("cuda:0"), H100) == "bf16"
+    assert select_precision("auto", torch.device("cuda:0"), T4_AND_H100) == "fp16"
+    assert select_precision("auto", torch.device("cuda:1"), T4_AND_H100) == "bf16"
+    assert select_device("cuda:1", T4_AND_H100) == torch.device("cuda:1")
+    assert select_device("cpu", H100) == torch.device("cpu")
+    info = describe(torch.device("cuda:1"), "bf16", T4_AND_H100)
+    assert info["gpu_model"] == "NVIDIA H100" and info["precision"] == "bf16" and info["torch_version"]
+
+
+@pytest.mark.parametrize("bad", ["cuda", "cuda:3", "tpu", "cuda:x"])
+def test_unavailable_or_malformed_devices_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        select_device(bad, AVX2_ONLY if bad == "cuda" else T4_AND_H100)
+
+
+def test_translate_batch_crops_each_image_at_its_own_offset() -> None:
+    images = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    out = translate_batch(images, torch.tensor([[2, 2], [3, 1]]), pad=2)
+    assert torch.equal(out[0], images[0])  # offset (pad, pad) = no shift
+    assert torch.equal(out[1, 0, 1:, :5], images[1, 0, :5, 1:])  # dx = +1, dy = -1
+
+
+def test_whitening_stem_decorrelates_patches() -> None:
+    torch.manual_seed(0)
+    model = tiny_model()
+    base = torch.randn(64, 3, 34, 34)
+    images = (base[:, :, 1:33, 1:33] + base[:, :, :32, :32]) / 2  # neighbouring pixels correlate
+    whiten_stem(model, images)
+    weight = model.stem.weight
+    pairs = weight.shape[0] // 2
+    assert torch.allclose(weight[:pairs], -weight[pairs:2 * pairs])
+    response = torch.nn.functional.conv2d(images, weight[:pairs]).transpose(0, 1).flatten(1)
+    cov = torch.cov(response)
+    assert torch.allclose(cov.diagonal(), torch.ones(pairs), atol=0.15)  # unit variance ...
+    off = cov - torch.diag(cov.diagonal())
+    assert off.abs().max() < 0.15  # ... and decorrelated
+
+
+def test_schedules() -> None:
+    cfg = TrainConfig()
+    assert _lr_factor(0, 100, cfg) == pytest.approx(cfg.lr_start)
+    assert _lr_factor(23, 100, cfg) == pytest.approx(1.0)
+    assert _lr_factor(100, 100, cfg) == pytest.approx(cfg.lr_end)
+    assert _kept_share(0, 100, 0.1, 1.0) == pytest.approx(1.0)
+    assert _kept_share(100, 100, 0.1, 1.0) == pytest.approx(0.1)
+    assert 0.1 < _kept_share(50, 100, 0.1, 1.0) < 0.25  # cubic: most of the pruning happens early
+
+
+def test_phase1_with_frozen_gates_leaves_scores_and_trains_weights() -> None:
+    torch.manual_seed(0)
+    model = tiny_model()
+    before = {n: layer.weight.detach().clone() for n, layer in model.gated_layers()}
+    scores = {n: layer.score.detach().clone() for n, layer in model.gated_layers()}
+    images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 3, (48,))
+    history = train(model, images, labels, TrainConfig(epochs=1, batch_size=8), seed=0)
+    assert len(history) == 1 and history[0]["loss"] > 0
+    assert all(torch.equal(layer.score, scores[n]) for n, layer in model.gated_layers())
+    assert not torch.equal(model.block2.conv2.weight, before["block2.conv2"])
+
+
+@pytest.mark.parametrize("pcfg", [PruneConfig(steps=6, gradual=True, gate_lr=0.05),
+                                  PruneConfig(steps=6, gradual=True, gate_lr=0.0),
+                                  PruneConfig(steps=6, gradual=False)])
+def test_phase2_ends_at_exactly_k_weights_and_distills(pcfg: PruneConfig) -> None:
+    torch.manual_seed(0)
+    model, teacher = tiny_model(), tiny_model()
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    scores = {n: layer.score.detach().clone() for n, layer in model.gated_layers()}
+    keep = check_keep(0.2)
+    masks = prune_finetune(model, images, labels, keep, TrainConfig(batch_size=8), pcfg, seed=0, teacher=teacher)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(keep * total)
+    for name, layer in model.gated_layers():
+        assert not layer.effective_weight()[~masks[name]].any()  # pruned weights are exactly zero
+    learned = any(not torch.equal(layer.score, scores[n]) for n, layer in model.gated_layers())
+    assert learned == (pcfg.gradual and pcfg.gate_lr > 0)
+
+
+def test_tta_levels() -> None:
+    model = tiny_model().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tta_logits(model, x, 0), model(x))
+        assert torch.allclose(tta_logits(model, x, 1), (model(x) + model(x.flip(-1))) / 2)
+        assert tta_logits(model, x, 2).shape == (3, 3)
