@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.hardware import detect
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
@@ -52,12 +54,8 @@ class Settings(BaseSettings):
 
 
 def native_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AMX or AVX512-BF16); emulated bf16 is slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+    """True when the CPU computes bfloat16 natively (AMX or AVX512-BF16): the same rule as training."""
+    return detect().cpu_native_bf16
 
 
 @lru_cache

@@ -42,15 +42,15 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or "unknown CPU", frozenset()
-    model, flags = platform.processor() or "unknown CPU", frozenset()
-    for line in text.splitlines():
+    model, flags = None, None
+    for line in text.splitlines():  # the first processor's entry speaks for all
         key, _, value = line.partition(":")
         key = key.strip()
-        if key == "model name" and model in ("unknown CPU", "", platform.processor()):
+        if key == "model name" and model is None:
             model = value.strip()
-        elif key == "flags" and not flags:
+        elif key == "flags" and flags is None:
             flags = frozenset(value.split())
-    return model, flags
+    return model or platform.processor() or "unknown CPU", flags or frozenset()
 
 
 @lru_cache

@@ -192,12 +192,12 @@ def _sgd(model: GatedNet, cfg: TrainConfig, lr_multiple: float = 1.0) -> torch.o
     kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
     lr = cfg.lr / kilostep * lr_multiple
     decay = cfg.weight_decay * cfg.batch_size / kilostep * lr_multiple
+    bn_bias_ids = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
     bn_biases, others = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or name.endswith(".score"):
             continue
-        is_bn = any(isinstance(m, nn.BatchNorm2d) and p is m.bias for m in model.modules())
-        (bn_biases if is_bn else others).append(p)
+        (bn_biases if id(p) in bn_bias_ids else others).append(p)
     groups = [{"params": others, "lr": lr, "weight_decay": decay / lr, "base_lr": lr}]
     if bn_biases:
         bias_lr = lr * cfg.bias_scaler
