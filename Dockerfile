@@ -30,6 +30,7 @@ RUN pip install --no-cache-dir -r requirements.lock \
 
 COPY pyproject.toml README.md ./
 COPY training ./training
+COPY engine ./engine
 COPY app ./app
 COPY bench ./bench
 RUN pip install --no-cache-dir --no-deps . \

@@ -1,25 +1,35 @@
-"""Dynamic micro-batching: concurrent requests for one variant share a forward pass.
+"""Dynamic micro-batching that never makes a request wait for company.
 
-Each variant has a queue and one collector task. The collector takes the first waiting request,
-then keeps gathering until MAX_BATCH images are in hand or MAX_WAIT_MS has passed, runs one forward
-pass in a worker thread (never on the event loop), and hands every request its own rows. The queue
-is bounded in images: past QUEUE_SIZE a request is refused at once (503) instead of waiting forever.
+Each variant has a queue and one collector task. When the variant is idle, the collector dispatches
+the first request at once, together with whatever is already queued (up to MAX_BATCH images):
+requests are only batched when they arrived while the previous forward pass was running, as in
+Triton's dynamic batcher with no queue delay. MAX_WAIT_MS > 0 brings back a batching window (wait
+that long for more requests before dispatching). The forward pass runs in a worker thread, never
+on the event loop, and each request gets its own rows. The queue is bounded in images: past
+QUEUE_SIZE a request is refused at once (503) instead of waiting forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+log = logging.getLogger("app.batching")
+
 
 class QueueFull(Exception):
     """The variant's queue holds QUEUE_SIZE images already."""
+
+
+class ShuttingDown(Exception):
+    """The service stopped before this request's batch could run."""
 
 
 @dataclass
@@ -30,44 +40,82 @@ class _Job:
 
 
 class MicroBatcher:
-    def __init__(self, run: Callable[[Tensor], Tensor], executor: ThreadPoolExecutor, max_batch: int,
+    def __init__(self, run: Callable[[Tensor], Tensor], executor: Executor, max_batch: int,
                  max_wait_ms: float, queue_size: int,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None,
+                 on_depth: Callable[[int], None] | None = None) -> None:
         self._run = run
         self._executor = executor
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.queue_size = queue_size
         self._on_batch = on_batch
+        self._on_depth = on_depth
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.pending_images = 0
         self._task: asyncio.Task | None = None
+        self._closed = False
+        self._held: list[_Job] = []  # taken from the queue by the collector, not yet answered
+
+    def _set_depth(self, delta: int) -> None:
+        self.pending_images += delta
+        if self._on_depth is not None:
+            self._on_depth(self.pending_images)
 
     def start(self) -> None:
+        if self._task is not None and self._task.done():
+            # The collector died (a bug, not a bad request): say so, fail nobody silently, start anew.
+            if not self._task.cancelled() and self._task.exception() is not None:
+                log.error("batch collector died (%r); restarting it", self._task.exception())
+            self._task = None
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._collect())
+            self._task.add_done_callback(self._collector_ended)
 
-    async def stop(self) -> None:
-        """Finish what is queued, then stop the collector (graceful shutdown)."""
+    def _collector_ended(self, task: asyncio.Task) -> None:
+        """A collector that ends for any reason fails the requests still queued, so none waits forever."""
+        reason = ShuttingDown("the service is shutting down") if task.cancelled() or self._closed else \
+            RuntimeError(f"batch collector failed: {task.exception()!r}")
+        held, self._held = self._held, []
+        for job in held:
+            if not job.future.done():
+                job.future.set_exception(reason)
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(reason)
+        self._set_depth(-self.pending_images)  # nothing is queued or running for this collector any more
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Refuse new requests, give queued ones up to ``grace_s`` to finish, then fail the rest."""
+        self._closed = True
         if self._task is None:
             return
-        while self.pending_images:
+        deadline = time.monotonic() + grace_s
+        while self.pending_images and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         self._task.cancel()
         try:
             await self._task
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - its waiters were told in _collector_ended
             pass
         self._task = None
 
+    def admit(self, images: int) -> None:
+        """Raise QueueFull (or ShuttingDown) if ``images`` more could not be queued now. Cheap: routes
+        call it before reading and decoding a request's images."""
+        if self._closed:
+            raise ShuttingDown("the service is shutting down")
+        if self.pending_images + images > self.queue_size:
+            raise QueueFull(f"{self.pending_images} images already queued (QUEUE_SIZE={self.queue_size})")
+
     async def submit(self, images: Tensor) -> Tensor:
         """Probabilities for ``images`` [N, 3, 32, 32]; raises QueueFull when the queue is full."""
-        if self.pending_images + len(images) > self.queue_size:
-            raise QueueFull(f"{self.pending_images} images already queued (QUEUE_SIZE={self.queue_size})")
+        self.admit(len(images))
         self.start()
         job = _Job(images, asyncio.get_running_loop().create_future())
-        self.pending_images += len(images)
-        await self._queue.put(job)
+        self._set_depth(len(images))
+        self._queue.put_nowait(job)
         try:
             return await asyncio.shield(job.future)  # a client that goes away never cancels the batch
         finally:
@@ -76,27 +124,31 @@ class MicroBatcher:
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
+        carried: _Job | None = None
         while True:
-            jobs = [await self._queue.get()]
-            count = len(jobs[0].images)
+            first = carried or await self._queue.get()
+            carried = None
+            jobs, count = [first], len(first.images)
+            self._held = jobs
             deadline = loop.time() + self.max_wait
             while count < self.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0 and self._queue.empty():
-                    break
-                try:
-                    job = self._queue.get_nowait() if self._queue.qsize() else \
-                        await asyncio.wait_for(self._queue.get(), max(timeout, 0))
-                except TimeoutError:
-                    break
+                if not self._queue.empty():
+                    job = self._queue.get_nowait()  # arrived while the last batch ran: batch it
+                elif self.max_wait > 0 and loop.time() < deadline:
+                    try:
+                        job = await asyncio.wait_for(self._queue.get(), deadline - loop.time())
+                    except TimeoutError:
+                        break
+                else:
+                    break  # idle and nothing waiting: dispatch now
                 if count + len(job.images) > self.max_batch:
-                    await self._run_jobs(jobs, count)  # the batch is full: run it, start the next with job
-                    jobs, count = [job], len(job.images)
-                    deadline = loop.time() + self.max_wait
-                    continue
+                    carried = job  # does not fit: it leads the next batch
+                    self._held = [*jobs, job]
+                    break
                 jobs.append(job)
                 count += len(job.images)
             await self._run_jobs(jobs, count)
+            self._held = [carried] if carried else []
 
     async def _run_jobs(self, jobs: list[_Job], count: int) -> None:
         loop = asyncio.get_running_loop()
@@ -118,4 +170,6 @@ class MicroBatcher:
                 if not job.future.done():
                     job.future.set_exception(exc)
         finally:
-            self.pending_images -= count
+            # Also on cancellation (shutdown): the waiters of a cancelled batch are failed by
+            # _collector_ended, which sees them in _held.
+            self._set_depth(-count)

@@ -1,7 +1,9 @@
-"""Loads models/ (manifest + verified safetensors checkpoints), builds every variant's compact
-network (training/compact.py: emptied channels dropped, BN folded, dense or sparse per layer as
-measured here), warms up and measures latency on this machine. The service's single source of
-truth about variants. Only the compact networks stay in memory: the loaded models are dropped."""
+"""Loads models/ (manifest + verified safetensors checkpoints) and builds every variant's compact
+network (engine/compact.py: emptied channels dropped, BN folded). That is quick (seconds), and the
+service is ready then, every variant running on its compact dense path. Choosing faster paths and
+measuring latency is a second, slower step per variant (``optimise``): from an execution plan
+measured earlier on this kind of machine (engine/plan.py), or by calibrating here. The service's
+single source of truth about variants. Only the compact networks stay in memory."""
 
 from __future__ import annotations
 
@@ -18,14 +20,30 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from engine import plan as plans
+from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, compact, median_seconds
 from training.checkpoint import CheckpointError, load_model
-from training.compact import BATCH_BUCKETS, CompactNet, calibrate, compact
 from training.model import TTA_LEVELS, tta_logits
 
 log = logging.getLogger("app.registry")
 
 LATENCY_BATCHES = BATCH_BUCKETS  # the batch sizes the execution paths are chosen for
 GRANULARITIES = ("weight", "channel")
+# keep=auto: throughputs within this share of the best count as a tie (timings are noisy), and a
+# tie goes to the more accurate variant, then the smaller keep.
+NEAR_TIE = 0.05
+
+
+class Interrupted(Exception):
+    """Loading or calibration stopped because the service is shutting down."""
+
+
+class AutoError(Exception):
+    """keep=auto cannot be answered; ``status`` is the HTTP status to give."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ModelsError(RuntimeError):
@@ -52,9 +70,23 @@ class Variant:
     net: CompactNet = field(repr=False)
     test_acc_no_tta_mean: float | None = None  # the same network without test-time augmentation
     latency: dict[int, dict[str, float]] = field(default_factory=dict)  # batch → p50_ms, p95_ms, images_per_s
+    # Where ``latency`` and the execution paths come from: None while the variant still runs on its
+    # compact dense path unmeasured; "plan: <file>" or "measured at start-up".
+    latency_source: str | None = None
 
     def throughput(self, batch: int = LATENCY_BATCHES[-1]) -> float:
         return self.latency.get(batch, {}).get("images_per_s", 0.0)
+
+    def p95_ms(self, batch: int) -> float | None:
+        """p95 latency of a forward pass of ``batch`` images: the figure of the smallest measured
+        batch size that holds them (conservative), scaled up linearly past the largest."""
+        if not self.latency:
+            return None
+        sizes = sorted(self.latency)
+        fitting = [b for b in sizes if b >= batch]
+        if fitting:
+            return self.latency[fitting[0]]["p95_ms"]
+        return self.latency[sizes[-1]]["p95_ms"] * batch / sizes[-1]
 
     def describe(self) -> dict:
         return {
@@ -64,6 +96,7 @@ class Variant:
             "test_acc_std": self.test_acc_std, "test_acc_per_seed": self.test_acc_per_seed, "drop": self.drop,
             "test_acc_no_tta_mean": self.test_acc_no_tta_mean,
             "latency": {f"batch_{b}": v for b, v in sorted(self.latency.items())},
+            "latency_source": self.latency_source, "macs_per_image": self.net.macs(),
             "resident_bytes": self.net.nbytes(), "execution": self.net.describe(),
             "backends": self.net.backend_summary(),
         }
@@ -86,27 +119,46 @@ class Registry:
         self.classes: list[str] = []
         self.mean: list[float] = []
         self.std: list[float] = []
-        self.variants: list[Variant] = []  # sorted by keep, densest first
+        self.variants: list[Variant] = []  # sorted by granularity, then keep, densest first
         self.ready = False
         self.error: str | None = None
+        self.stopping = threading.Event()  # set at shutdown: loading and calibration stop at the next step
         self._base_cache: dict = {}
         self._lock = threading.Lock()  # one forward pass at a time: 2 cores, torch already uses both
 
     # -- loading ---------------------------------------------------------------------------
-    def load(self) -> None:
-        """Verify and build every variant, then warm up and measure; sets ready or error."""
+    def load(self, plan: dict | None = None, plan_source: str = "") -> None:
+        """Load, then optimise every variant (from ``plan`` where it matches, else by measuring):
+        the synchronous path used by ``prune-serve --check`` and ``prune-bench``."""
+        self.load_models()
+        if self.ready:
+            for variant in self.variants:
+                self.optimise(variant, plans.entry_for(plan, variant.name, variant.sha256), plan_source)
+
+    def load_models(self) -> None:
+        """Verify and build every variant on its compact dense path; sets ``ready`` or ``error``.
+        Any failure, of any kind, is reported (file and reason), never left hanging."""
         try:
             self._load_manifest()
             for entry in self.manifest["variants"]:
+                if self.stopping.is_set():
+                    raise Interrupted("shutting down")
                 self.variants.append(self._load_variant(entry))
             self.variants.sort(key=lambda v: (GRANULARITIES.index(v.granularity), -v.keep))
             self._base_cache.clear()
-            self._measure()
             self.ready = True
             log.info("ready: %d variants from %s", len(self.variants), self.models_dir)
+        except Interrupted:
+            self.variants = []
+            self.error = "shutting down"
         except (ModelsError, CheckpointError) as exc:
+            self.variants = []
             self.error = str(exc)
             log.error("models cannot be served: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. a value of the wrong type deep in a checkpoint
+            self.variants = []
+            self.error = f"{self.models_dir}: cannot load models ({type(exc).__name__}: {exc})"
+            log.exception("models cannot be served")
 
     def _load_manifest(self) -> None:
         if not self.models_dir.exists():
@@ -169,35 +221,74 @@ class Registry:
                                            if entry.get("test_acc_no_tta_mean") is not None else None),
         )
 
-    def _measure(self) -> None:
-        """Choose each layer's execution path, then time every variant at batch 1, 8 and 64 on this
-        machine (median of runs). In bfloat16 only the dense paths run (see compact.calibrate)."""
-        for variant in self.variants:
+    def optimise(self, variant: Variant, entry: dict | None = None, source: str = "") -> bool:
+        """Give ``variant`` its execution paths and latency figures: from a plan ``entry`` when it
+        applies here, else by calibrating and measuring now. Runs under the forward lock, so requests
+        see the variant either before or after the switch. Returns True if it measured."""
+        with self._lock:
+            if entry is not None:
+                try:
+                    plans.apply(variant.net, entry, self.onnx_runtime)
+                    variant.latency = {int(b): dict(v) for b, v in entry["latency"].items()}
+                    variant.latency_source = f"plan: {source}" if source else "plan"
+                    return False
+                except (plans.PlanError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                    log.warning("%s: plan not applicable (%s); measuring here", variant.name, exc)
             try:
-                calibrate(variant.net, onnx=self.onnx_runtime)
+                calibrate(variant.net, onnx=self.onnx_runtime, timer=self._timer)
+            except Interrupted:
+                variant.net.reset_paths()
+                raise
             except Exception as exc:  # noqa: BLE001 - a failed optimisation must not stop serving
                 log.warning("%s: execution path calibration failed (%s); it runs dense in PyTorch", variant.name, exc)
                 variant.net.reset_paths()
-            for batch in LATENCY_BATCHES:
-                x = torch.randn(batch, 3, 32, 32)
-                self.forward(variant, x)  # warm-up: allocator, oneDNN primitive cache
-                times = []
-                for _ in range(self.probe_runs):
-                    began = time.perf_counter()
-                    self.forward(variant, x)
-                    times.append(time.perf_counter() - began)
-                p50 = statistics.median(times)
-                variant.latency[batch] = {"p50_ms": p50 * 1e3, "p95_ms": percentile(times, 95) * 1e3,
-                                          "images_per_s": batch / p50}
+            variant.latency = self.measure(variant, self.probe_runs)
+            variant.latency_source = "measured at start-up"
+            return True
+
+    def _timer(self, fn) -> float:  # noqa: ANN001
+        if self.stopping.is_set():
+            raise Interrupted("shutting down")
+        return median_seconds(fn)
+
+    def measure(self, variant: Variant, runs: int) -> dict[int, dict[str, float]]:
+        """Latency of the service's forward pass (test-time augmentation included) at each batch size."""
+        latency = {}
+        for batch in LATENCY_BATCHES:
+            x = torch.randn(batch, 3, 32, 32)
+            self._forward(variant, x)  # warm-up: allocator, oneDNN primitive cache
+            times = []
+            for _ in range(runs):
+                if self.stopping.is_set():
+                    raise Interrupted("shutting down")
+                began = time.perf_counter()
+                self._forward(variant, x)
+                times.append(time.perf_counter() - began)
+            p50 = statistics.median(times)
+            latency[batch] = {"p50_ms": p50 * 1e3, "p95_ms": percentile(times, 95) * 1e3,
+                              "images_per_s": batch / p50}
+        return latency
+
+    def plan_entry(self, variant: Variant) -> dict:
+        """What a plan records for ``variant`` (see engine/plan.py)."""
+        return {"sha256": variant.sha256, **plans.snapshot(variant.net),
+                "latency": {str(b): v for b, v in variant.latency.items()}}
+
+    @property
+    def optimised(self) -> bool:
+        return self.ready and all(v.latency_source for v in self.variants)
 
     # -- inference -------------------------------------------------------------------------
-    @torch.inference_mode()
     def forward(self, variant: Variant, images: Tensor) -> Tensor:
         """Normalised float images [N, 3, 32, 32] → class probabilities [N, C] (float32)."""
         with self._lock:
-            # The manifest's test-time augmentation (its accuracies were measured with it): every view
-            # of every image goes through the network in one batch, so its cost is in every latency.
-            logits = tta_logits(variant.net, images.contiguous(memory_format=torch.channels_last), self.tta)
+            return self._forward(variant, images)
+
+    @torch.inference_mode()
+    def _forward(self, variant: Variant, images: Tensor) -> Tensor:
+        # The manifest's test-time augmentation (its accuracies were measured with it): every view
+        # of every image goes through the network in one batch, so its cost is in every latency.
+        logits = tta_logits(variant.net, images.contiguous(memory_format=torch.channels_last), self.tta)
         return torch.softmax(logits.float(), dim=1)
 
     # -- selection -------------------------------------------------------------------------
@@ -210,11 +301,63 @@ class Registry:
                 return variant
         return None
 
-    def auto(self, max_drop: float) -> Variant | None:
-        """Across both granularities: the variant with the best measured throughput (batch 64, this
-        machine) whose accuracy drop is ≤ max_drop points; ties go to the sparser one."""
-        eligible = [v for v in self.variants if v.drop <= max_drop]
-        return max(eligible, key=lambda v: (v.throughput(), -v.keep)) if eligible else None
+    def speed_basis(self) -> str:
+        """What keep=auto ranks speed by: "measured" (batch-64 throughput from the plan or start-up
+        measurement) once every variant has figures, else "compute" (multiply-adds of the compact
+        dense path, which is what runs until then). Either way the same figures give the same answer."""
+        return "measured" if self.optimised else "compute"
+
+    def speed(self, variant: Variant, basis: str) -> float:
+        return variant.throughput() if basis == "measured" else 1e9 / max(1, variant.net.macs())
+
+    def pareto(self, basis: str | None = None) -> list[Variant]:
+        """Variants that no other beats on both accuracy and speed (ties are not beaten)."""
+        basis = basis or self.speed_basis()
+        speed = {v.name: self.speed(v, basis) for v in self.variants}
+        return [v for v in self.variants if not any(
+            o.test_acc_mean >= v.test_acc_mean and speed[o.name] >= speed[v.name]
+            and (o.test_acc_mean > v.test_acc_mean or speed[o.name] > speed[v.name]) for o in self.variants)]
+
+    def auto(self, max_drop: float | None = None, max_latency_ms: float | None = None, images: int = 1,
+             queued_images: int = 0, max_batch: int = LATENCY_BATCHES[-1]) -> Variant:
+        """The variant keep=auto answers with, across both granularities, only ever a Pareto-optimal one.
+
+        max_drop only: the fastest whose accuracy drop is ≤ max_drop points; speeds within NEAR_TIE
+        of it are a tie, won by accuracy, then by the smaller keep.
+        max_latency_ms (with or without max_drop): the most accurate variant whose estimated latency
+        for this request fits: the measured p95 of a forward pass of the images in the queue plus
+        this request's, times the passes needed to get through them (MAX_BATCH images each).
+        Raises AutoError (422: nothing could ever fit; 503: nothing fits at the current queue depth)."""
+        if max_drop is None and max_latency_ms is None:
+            raise AutoError("keep=auto needs max_drop (accuracy points you accept to lose) and/or max_latency_ms")
+        basis = self.speed_basis()
+        candidates = self.pareto(basis)
+        if max_drop is not None:
+            candidates = [v for v in candidates if v.drop <= max_drop]
+            if not candidates:
+                raise AutoError(f"no variant loses at most {max_drop:g} points; smallest drop is "
+                                f"{min(v.drop for v in self.variants):.2f}")
+        if max_latency_ms is None:
+            best = max(self.speed(v, basis) for v in candidates)
+            tied = [v for v in candidates if self.speed(v, basis) >= best * (1 - NEAR_TIE)]
+            return max(tied, key=lambda v: (v.test_acc_mean, -v.keep))
+        if basis != "measured":
+            raise AutoError("max_latency_ms needs measured latencies, which are still being taken; retry shortly",
+                            503)
+
+        def estimate(variant: Variant, queued: int) -> float:
+            total = queued + images
+            return variant.p95_ms(min(total, max_batch)) * math.ceil(total / max_batch)
+
+        fitting = [v for v in candidates if estimate(v, queued_images) <= max_latency_ms]
+        if not fitting:
+            idle = min(estimate(v, 0) for v in candidates)
+            if idle <= max_latency_ms:
+                raise AutoError(f"no variant fits max_latency_ms={max_latency_ms:g} with {queued_images} images "
+                                "queued; retry shortly", 503)
+            raise AutoError(f"no variant fits max_latency_ms={max_latency_ms:g} for {images} image(s) even when "
+                            f"idle; the fastest needs ~{idle:.1f} ms")
+        return max(fitting, key=lambda v: (v.test_acc_mean, v.throughput(), -v.keep))
 
 
 def percentile(values: list[float], q: float) -> float:

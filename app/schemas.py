@@ -69,8 +69,16 @@ class VariantRow(BaseModel):
     test_acc_std: float
     test_acc_per_seed: list[float]
     drop: float = Field(description="accuracy points lost vs dense (mean over seeds)")
-    latency: dict[str, Latency] = Field(description="measured by this process at start-up: batch_1, batch_8, "
-                                                    "batch_64, on the execution path below")
+    latency: dict[str, Latency] = Field(description="batch_1, batch_8, batch_64 (images per forward pass, "
+                                                    "before test-time augmentation views), on the execution path "
+                                                    "below; empty until measured or loaded from a plan")
+    latency_source: str | None = Field(None, description="'plan: <file>' (measured earlier on this kind of machine "
+                                                          "by prune-bench plan or another start), 'measured at "
+                                                          "start-up', or null while the variant still runs on its "
+                                                          "compact dense path unmeasured")
+    macs_per_image: int = Field(description="multiply-adds per view on the compact dense path")
+    pareto: bool = Field(description="no other variant is both more accurate and faster (keep=auto only picks "
+                                     "these)")
     resident_bytes: int = Field(description="bytes this variant's compact network holds in memory (weights, "
                                             "sparse structures, ONNX graph)")
     execution: list[LayerExecution]
@@ -78,9 +86,21 @@ class VariantRow(BaseModel):
                                                  "whichever was measured faster here")
 
 
+class Execution(BaseModel):
+    status: str = Field(description="dense (serving on compact dense paths, figures pending), applying plan, "
+                                    "calibrating, waiting for plan (another worker calibrates), done")
+    plan: str | None = Field(description="the execution plan file in use, if any")
+    key: dict = Field(description="what plans are matched on: CPU model, instruction set, torch, precision, threads")
+    threads: int = Field(description="intra-op threads of this worker")
+    auto_speed_basis: str = Field(description="what keep=auto ranks speed by: measured (batch-64 throughput) or "
+                                              "compute (multiply-adds, until every variant is measured)")
+
+
 class VariantsResponse(BaseModel):
     classes: list[str]
     precision: str
+    tta: int = Field(0, description="test-time augmentation level applied to every request (0: none)")
+    execution: Execution
     resident_memory_bytes: int | None = Field(None, description="this process's resident memory (RSS) now")
     variants: list[VariantRow]
 
@@ -93,3 +113,5 @@ class ReadyResponse(BaseModel):
     ready: bool
     variants: int = 0
     error: str | None = None
+    execution: str = Field("loading", description="loading, failed, dense, applying plan, calibrating, "
+                                                  "waiting for plan, done (see /variants)")

@@ -1,9 +1,20 @@
-"""The running service's state (one per app): settings, loaded variants, batchers, metrics."""
+"""The running service's state (one per app and worker): settings, loaded variants, batchers, metrics.
+
+Start-up is two steps. Loading (checkpoints verified, compact networks built: seconds) makes the
+service ready, every variant on its compact dense path. Then, in the background, each variant gets
+its execution paths and latency figures, one at a time and each switch atomic: from a plan in
+models/plans/ or the plan cache that matches this machine, else by calibrating here. A plan measured
+here is written to the cache, so the next start, and every other worker, reuse it; while one worker
+calibrates (it holds the plan's lock) the others serve on dense paths and wait for its plan.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from fastapi import HTTPException, Request
@@ -11,9 +22,13 @@ from torch import Tensor
 
 from app.batching import MicroBatcher
 from app.metrics import Metrics
-from app.registry import Registry, Variant
+from app.registry import Interrupted, Registry, Variant
 from app.settings import Settings
+from engine import plan as plans
 from training.data import normalize
+
+log = logging.getLogger("app.service")
+PLAN_POLL_S = 0.5  # how often a worker waiting for another's calibration looks for its plan
 
 
 class Service:
@@ -22,42 +37,115 @@ class Service:
         self.registry = Registry(settings.models_dir, settings.inference_precision(), settings.latency_probe_runs,
                                  settings.onnx_runtime)
         self.metrics = Metrics()
-        # One inference thread: torch's intra-op threads already use every core we are given.
+        # One inference thread: torch's intra-op threads already use every core this worker is given.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.batchers: dict[str, MicroBatcher] = {}
+        self.execution = "loading"  # loading → dense → applying plan | calibrating | waiting for plan → done
+        self.plan_source: str | None = None
+        self.plan_key: dict = {}
         self._loading: asyncio.Task | None = None
 
     async def start(self) -> None:
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
-        loop = asyncio.get_running_loop()
-        # Load in the inference thread so /health answers while checkpoints are verified and timed.
-        self._loading = loop.create_task(self._load(loop))
+        torch.set_num_threads(self.settings.threads())
+        self.plan_key = plans.plan_key(self.registry.precision, torch.get_num_threads())
+        # Load in the inference thread so /health answers (and signals are heard) meanwhile.
+        self._loading = asyncio.get_running_loop().create_task(self._load())
 
-    async def _load(self, loop: asyncio.AbstractEventLoop) -> None:
-        await loop.run_in_executor(self.executor, self.registry.load)
-        if self.registry.ready:
-            self.metrics.describe_variants(self.registry)
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.registry.load_models)
+        if not self.registry.ready:
+            self.execution = "failed"
+            return
+        self.metrics.describe_variants(self.registry)
+        self.execution = "dense"
+        try:
+            await self._optimise(loop)
+        except Interrupted:
+            return
+        except Exception:  # noqa: BLE001 - serving goes on, on the dense paths
+            log.exception("execution plan step failed; variants without figures stay on their dense paths")
+        self.execution = "done"
+
+    async def _optimise(self, loop: asyncio.AbstractEventLoop) -> None:
+        shipped, cache = self.settings.plan_directories()
+        directories = [shipped] + ([cache] if cache else [])
+        found = plans.find(directories, self.plan_key)
+        lock = None
+        if found is None and cache is not None:
+            lock = plans.CalibrationLock(cache / plans.plan_filename(self.plan_key))
+            try:
+                while not lock.acquire():  # another worker is calibrating: serve dense, wait for its plan
+                    self.execution = "waiting for plan"
+                    await asyncio.sleep(PLAN_POLL_S)
+                    found = plans.find(directories, self.plan_key)
+                    if found is not None:
+                        break
+                else:
+                    found = plans.find(directories, self.plan_key)  # it may have appeared meanwhile
+            except OSError as exc:
+                log.warning("plan cache %s unusable (%s): calibrating without sharing", cache, exc)
+                lock = None
+        plan, path = found if found else (None, None)
+        self.plan_source = str(path) if path else None
+        self.execution = "applying plan" if plan else "calibrating"
+        log.info("execution plan: %s", path or f"none for {self.plan_key}; calibrating here")
+        measured = False
+        try:
+            for variant in self.registry.variants:
+                if self.registry.stopping.is_set():
+                    raise Interrupted("shutting down")
+                entry = plans.entry_for(plan, variant.name, variant.sha256)
+                measured |= await loop.run_in_executor(self.executor, self.registry.optimise, variant, entry,
+                                                       str(path or ""))
+                self.metrics.describe_latency(variant)
+            if measured and cache is not None:
+                self._store_plan(cache / plans.plan_filename(self.plan_key), plan)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _store_plan(self, path: Path, previous: dict | None) -> None:
+        new = plans.new_plan(self.plan_key, f"prune-serve (pid {os.getpid()}, measured at start-up)",
+                             rounds=1, tta=self.registry.tta)
+        if previous:
+            new["variants"].update(previous.get("variants", {}))
+        for variant in self.registry.variants:
+            new["variants"][variant.name] = self.registry.plan_entry(variant)
+        try:
+            plans.write(path, new)
+            self.plan_source = f"{path} (written by this process)"
+            log.info("execution plan written to %s", path)
+        except OSError as exc:
+            log.warning("could not write the execution plan to %s: %s", path, exc)
 
     async def wait_loaded(self) -> None:
         if self._loading is not None:
             await self._loading
 
     async def stop(self) -> None:
-        for batcher in self.batchers.values():
-            await batcher.stop()
-        self.executor.shutdown(wait=True)
+        """Stop loading and calibration at their next step, let accepted requests finish within the
+        grace period, and release the inference thread without waiting for it."""
+        self.registry.stopping.set()
+        grace = self.settings.shutdown_grace_s
+        await asyncio.gather(*(batcher.stop(grace) for batcher in self.batchers.values()))
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.metrics.worker_stopped()
+
+    def queued_images(self) -> int:
+        """Images waiting or running in any variant's batcher (they share the inference thread)."""
+        return sum(batcher.pending_images for batcher in self.batchers.values())
 
     def batcher(self, variant: Variant) -> MicroBatcher:
         if variant.name not in self.batchers:
-            gauge = self.metrics.queue_depth.labels(variant.name)
-            histogram = self.metrics.batch_size.labels(variant.name)
             self.batchers[variant.name] = MicroBatcher(
                 run=lambda images, v=variant: self.registry.forward(v, images),
                 executor=self.executor, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
-                queue_size=self.settings.queue_size, on_batch=histogram.observe,
+                queue_size=self.settings.queue_size, on_batch=self.metrics.batch_size.labels(variant.name).observe,
+                on_depth=self.metrics.queue_depth.labels(variant.name).set,
             )
-            gauge.set_function(lambda b=self.batchers[variant.name]: b.pending_images)
         return self.batchers[variant.name]
 
     async def predict(self, variant: Variant, images_uint8: Tensor) -> Tensor:

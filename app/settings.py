@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.hardware import detect
@@ -19,19 +21,27 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads every variant)")
     max_batch: int = Field(64, ge=1, description="most images in one micro-batched forward pass (1 = off)")
-    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
+    max_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits for more requests once the variant is "
+                                                      "idle (0: dispatch at once, batch only what queued meanwhile)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body")
     max_images: int = Field(64, ge=1, description="most images in one request")
     max_pixels: int = Field(16_000_000, ge=1024, description="largest width × height of one image")
     queue_size: int = Field(1024, ge=1, description="images waiting per variant before 503")
-    torch_threads: int = Field(0, ge=0, description="intra-op threads for inference (0: torch default)")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads per worker for PyTorch, ONNX Runtime and the "
+                                                    "sparse kernels (0: the usable cores / WORKERS)")
     default_keep: float | None = Field(None, description="keep ratio used when a request names none (None: dense)")
     precision: str = Field("auto", description="inference precision: fp32, bf16, or auto (bf16 where the CPU "
                                                "has native bfloat16 units, AMX or AVX512-BF16; else fp32)")
     onnx_runtime: bool = Field(True, description="run a variant in ONNX Runtime at the batch sizes where it measured "
                                                  "faster than PyTorch (float32 only); false saves ~25 MB per variant")
     access_log: bool = Field(False, description="log every request (costs throughput under load)")
-    latency_probe_runs: int = Field(20, ge=3, description="timed passes per batch size at start-up")
+    latency_probe_runs: int = Field(20, ge=3, description="timed passes per batch size when calibrating here")
+    plan_dir: Path | None = Field(None, description="where the service stores the execution plan it measured when "
+                                                    "models/plans/ had none for this machine, for the next start and "
+                                                    "the other workers (default: PRUNE_CACHE_DIR/plans, else "
+                                                    "~/.cache/gated-prune/plans, else the temp directory)")
+    shutdown_grace_s: float = Field(2.0, ge=0, le=600, description="on SIGTERM/SIGINT, how long requests "
+                                                                   "already accepted may take to finish")
 
     @field_validator("default_keep")
     @classmethod
@@ -47,6 +57,23 @@ class Settings(BaseSettings):
             raise ValueError("PRECISION must be auto, fp32 or bf16")
         return value
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.queue_size < self.max_images:
+            raise ValueError(f"QUEUE_SIZE={self.queue_size} is below MAX_IMAGES={self.max_images}: a request with "
+                             "MAX_IMAGES images could never be queued")
+        return self
+
+    def threads(self) -> int:
+        """Intra-op threads for this worker: TORCH_THREADS, else the usable cores shared among workers."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, usable_cores() // self.workers)
+
+    def plan_directories(self) -> tuple[Path, Path | None]:
+        """(shipped plans in models/plans, the writable cache for plans measured here or None)."""
+        return self.models_dir / "plans", self.plan_dir or default_plan_cache()
+
     def inference_precision(self) -> str:
         if self.precision != "auto":
             return self.precision
@@ -56,6 +83,30 @@ class Settings(BaseSettings):
 def native_bf16() -> bool:
     """True when the CPU computes bfloat16 natively (AMX or AVX512-BF16): the same rule as training."""
     return detect().cpu_native_bf16
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (CPU affinity, e.g. a container's cpuset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_plan_cache() -> Path | None:
+    """The first writable of PRUNE_CACHE_DIR/plans, ~/.cache/gated-prune/plans, <tmp>/gated-prune-plans."""
+    candidates = []
+    if os.environ.get("PRUNE_CACHE_DIR"):
+        candidates.append(Path(os.environ["PRUNE_CACHE_DIR"]) / "plans")
+    candidates += [Path.home() / ".cache" / "gated-prune" / "plans", Path(tempfile.gettempdir()) / "gated-prune-plans"]
+    for path in candidates:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if os.access(path, os.W_OK | os.X_OK):
+                return path
+        except OSError:
+            continue
+    return None
 
 
 @lru_cache

@@ -3,7 +3,7 @@ dense ONNX Runtime, measured in one run.
 
 Per variant: granularity, keep, accuracy (from the manifest), checkpoint bytes and their ratio to a
 dense float32 checkpoint, images/s at batch 1 / 8 / 64 for the variant (the service's execution
-path: training/compact.py, calibrated here exactly as at service start-up), for the dense network
+path: engine/compact.py, calibrated here exactly as at service start-up), for the dense network
 in PyTorch and for the dense network exported to ONNX and run by ONNX Runtime, the ratios, each
 layer's kept channels and path, and the largest output difference from the masked dense model.
 
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
+from engine.compact import BATCH_BUCKETS, OnnxSession, calibrate, compact, onnxruntime_available
 from training import checkpoint
-from training.compact import BATCH_BUCKETS, OnnxSession, calibrate, compact, onnxruntime_available
 from training.model import GatedNet
 from training.train import autocast
 

@@ -40,14 +40,16 @@ def client(models_dir: Path):
         yield c
 
 
-def wait_ready(client: TestClient, timeout: float = 30) -> dict:
+def wait_ready(client: TestClient, timeout: float = 30, optimised: bool = True) -> dict:
+    """Until ready (and, by default, every variant has its execution paths and latency figures)."""
     import time
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         r = client.get("/ready")
-        if r.status_code == 200 or r.json().get("error"):
-            return r.json()
+        body = r.json()
+        if body.get("error") or (r.status_code == 200 and (not optimised or body["execution"] == "done")):
+            return body
         time.sleep(0.05)
     raise AssertionError("service never became ready")
 
@@ -304,13 +306,41 @@ def test_chunked_body_over_limit_is_refused_without_content_length(strict_client
     assert r.status_code == 413
 
 
-def test_queue_full_gives_503_with_retry_after(models_dir: Path) -> None:
-    with make_client(models_dir, queue_size=1) as c:
-        wait_ready(c)
-        files = [("files", (f"{i}.jpg", jpeg_bytes((i, 2, 3)))) for i in range(2)]
-        r = c.post("/predict", files=files)
-        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
-        assert c.post("/predict", files=files[:1]).status_code == 200
+def test_queue_full_gives_503_before_decoding(models_dir: Path) -> None:
+    """A full queue refuses at once, before the request's images are decoded (the second request
+    carries a file that is not an image: it gets 503, not 415), and the queue frees up after."""
+    import threading
+
+    release = threading.Event()
+
+    async def scenario() -> tuple:
+        settings = Settings(models_dir=models_dir, latency_probe_runs=3, precision="fp32", queue_size=2, max_images=2)
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            service = app.state.service
+            await service.wait_loaded()
+            forward = service.registry.forward
+            service.registry.forward = lambda v, x: (release.wait(10), forward(v, x))[1]
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                files = [("files", (f"{i}.jpg", jpeg_bytes((i, 2, 3)))) for i in range(2)]
+                first = asyncio.ensure_future(c.post("/predict", files=files))
+                while service.queued_images() < 2:
+                    await asyncio.sleep(0.01)
+                refused = await c.post("/predict", files={"files": ("x.jpg", b"not an image")})
+                release.set()
+                served = await first
+                after = await c.post("/predict", files=files)
+        return refused, served, after
+
+    refused, served, after = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and "busy" in refused.json()["detail"]
+    assert served.status_code == 200 and after.status_code == 200
+
+
+def test_settings_are_checked_against_each_other() -> None:
+    with pytest.raises(ValueError, match="QUEUE_SIZE=16 is below MAX_IMAGES=64"):
+        Settings(queue_size=16, max_images=64)
 
 
 def test_not_ready_when_a_checkpoint_was_tampered_with(models_dir: Path) -> None:

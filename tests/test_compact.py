@@ -1,4 +1,4 @@
-"""Compact execution (training/compact.py) computes what the masked dense model computes, on less work."""
+"""Compact execution (engine/compact.py) computes what the masked dense model computes, on less work."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, choose_path, compact
 from tests.conftest import tiny_model
 from training import checkpoint
-from training.compact import BATCH_BUCKETS, CompactNet, calibrate, choose_path, compact
 from training.prune import channel_counts, channel_masks, prune, prune_channels
 
 TOL = 1e-4
@@ -105,7 +105,7 @@ def test_a_fully_emptied_layer_still_runs() -> None:
 
 
 def test_direct_kernel_equals_conv2d_for_any_layout_and_dtype() -> None:
-    from training.sparse_kernels import DirectSparseConv
+    from engine.sparse_kernels import DirectSparseConv
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(6, 5, 3, 3, generator=generator) * (torch.rand(6, 5, 3, 3, generator=generator) < 0.2)

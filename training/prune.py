@@ -4,7 +4,7 @@ weight   exactly ``round(keep × N)`` prunable weights survive (N = all prunable
          importance criterion across the network (or per layer).
 channel  every conv layer keeps exactly ``max(1, round(keep × C))`` of its C output channels; a
          pruned channel's producing filter and every weight that reads it are masked, so the masked
-         network equals a physically narrower one (training/compact.py slices it).
+         network equals a physically narrower one (engine/compact.py slices it).
 Ties break by position (layer order, then flat index) through a stable sort, so the same scores
 always give bit-identical masks.
 """

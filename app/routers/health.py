@@ -21,5 +21,5 @@ async def health() -> HealthResponse:
 async def ready(service: Service = Depends(get_service)) -> JSONResponse:
     registry = service.registry
     body = ReadyResponse(ready=registry.ready, variants=len(registry.variants) if registry.ready else 0,
-                         error=registry.error)
+                         error=registry.error, execution=service.execution)
     return JSONResponse(body.model_dump(), status_code=200 if registry.ready else 503)

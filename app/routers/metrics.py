@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -17,6 +18,7 @@ def _json_view(service: Service) -> dict:
     registry = service.registry
     return {
         "ready": registry.ready,
+        "worker_pid": os.getpid(),  # live latency and queues are this worker's (Prometheus text sums workers)
         "variants": [
             {"name": v.name, "keep": v.keep, "granularity": v.granularity, "test_acc_mean": v.test_acc_mean,
              "drop": v.drop, "params": v.params, "checkpoint_bytes": v.bytes,
@@ -34,7 +36,7 @@ async def metrics(format: Literal["prometheus", "json"] = Query("prometheus"),
                   service: Service = Depends(get_service)) -> Response:
     if format == "json":
         return JSONResponse(_json_view(service))
-    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(service.metrics.exposition_registry()), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/metrics.json", summary="JSON view of the metrics")

@@ -12,9 +12,9 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.batching import QueueFull
+from app.batching import QueueFull, ShuttingDown
 from app.images import ImageError, decode_pixels, open_image
-from app.registry import Variant
+from app.registry import AutoError, Variant
 from app.schemas import ErrorResponse, PredictResponse
 from app.service import Service, get_ready_service
 
@@ -44,7 +44,7 @@ _BODY_DOC = {
 
 
 def resolve_variant(service: Service, keep: str | None, max_drop: float | None,
-                    granularity: str = "weight") -> Variant:
+                    granularity: str = "weight", max_latency_ms: float | None = None, images: int = 1) -> Variant:
     registry = service.registry
     available = ", ".join(f"{k:g}" for k in registry.keeps(granularity)) or "none"
     if keep is None or keep == "":
@@ -55,14 +55,15 @@ def resolve_variant(service: Service, keep: str | None, max_drop: float | None,
         if variant is None:
             raise HTTPException(422, detail=f"no {granularity}-granularity variants are loaded")
         return variant
-    if keep.strip().lower() == "auto":
-        if max_drop is None:
-            raise HTTPException(422, detail="keep=auto needs max_drop (accuracy points you accept to lose)")
-        variant = registry.auto(max_drop)
-        if variant is None:
-            raise HTTPException(422, detail=f"no variant loses at most {max_drop:g} points; "
-                                            f"smallest measured drop is {min(v.drop for v in registry.variants):.2f}")
-        return variant
+    if is_auto(keep):
+        try:
+            return registry.auto(max_drop, max_latency_ms, images=images, queued_images=service.queued_images(),
+                                 max_batch=service.settings.max_batch)
+        except AutoError as exc:
+            raise HTTPException(exc.status, detail=str(exc),
+                                headers={"Retry-After": "1"} if exc.status == 503 else None) from None
+    if max_latency_ms is not None:
+        raise HTTPException(422, detail="max_latency_ms is for keep=auto")
     try:
         value = float(keep)
     except ValueError:
@@ -74,6 +75,20 @@ def resolve_variant(service: Service, keep: str | None, max_drop: float | None,
         raise HTTPException(422, detail=f"no {granularity}-granularity variant with keep={value:g}; "
                                         f"available keeps: {available}")
     return variant
+
+
+def is_auto(keep: str | None) -> bool:
+    return keep is not None and keep.strip().lower() == "auto"
+
+
+def admit(service: Service, variant: Variant, images: int) -> None:
+    """Refuse a request the queue cannot take, before its images are read or decoded."""
+    try:
+        service.batcher(variant).admit(images)
+    except QueueFull as exc:
+        raise HTTPException(503, detail=f"server busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from exc
+    except ShuttingDown as exc:
+        raise HTTPException(503, detail=f"{exc}; retry on another replica", headers={"Retry-After": "1"}) from exc
 
 
 async def read_uploads(request: Request, service: Service) -> list[tuple[str, bytes]]:
@@ -117,6 +132,10 @@ async def predict(
                              max_length=32),
     max_drop: float | None = Query(None, ge=0, le=100, allow_inf_nan=False,
                                    description="with keep=auto: accuracy points you accept to lose"),
+    max_latency_ms: float | None = Query(
+        None, gt=0, le=600_000, allow_inf_nan=False,
+        description="with keep=auto: the most accurate variant whose measured p95 latency, at the current queue "
+                    "depth, fits this many milliseconds (503 if none fits now, 422 if none ever could)"),
     granularity: Literal["weight", "channel"] = Query(
         "weight", description="weight: unstructured top-K weights; channel: whole channels removed (narrower "
                               "dense layers). keep=auto searches both"),
@@ -126,12 +145,18 @@ async def predict(
     began = time.perf_counter()
     variant_label, status, count = "none", 500, 0
     try:
-        variant = resolve_variant(service, keep, max_drop, granularity)
-        variant_label = variant.name
+        if not is_auto(keep):
+            variant = resolve_variant(service, keep, max_drop, granularity, max_latency_ms)
+            variant_label = variant.name
+            admit(service, variant, 1)  # a full queue refuses before the body is read
         uploads = await read_uploads(request, service)
         count = len(uploads)
         if count > service.settings.max_images:
             raise HTTPException(413, detail=f"{count} images; the limit is MAX_IMAGES={service.settings.max_images}")
+        if is_auto(keep):  # the choice may depend on how many images this request brings
+            variant = resolve_variant(service, keep, max_drop, granularity, max_latency_ms, images=count)
+            variant_label = variant.name
+        admit(service, variant, count)  # and before any image is decoded
         try:
             # Headers are read and checked here (limits before any decoding). Thumbnails decode in
             # microseconds, less than a thread hop costs; larger images decode off the event loop.
@@ -149,6 +174,9 @@ async def predict(
             probs = await service.predict(variant, torch.stack(tensors))
         except QueueFull as exc:
             raise HTTPException(503, detail=f"server busy: {exc}; retry shortly",
+                                headers={"Retry-After": "1"}) from exc
+        except ShuttingDown as exc:
+            raise HTTPException(503, detail=f"{exc}; retry on another replica",
                                 headers={"Retry-After": "1"}) from exc
         inference_ms = (time.perf_counter() - started) * 1e3
         response = _response(service, variant, uploads, probs, top_k, inference_ms)

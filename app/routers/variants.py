@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import torch
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -21,9 +22,13 @@ NOT_READY = {503: {"model": ErrorResponse, "description": "models not loaded"}}
             summary="One row per variant: size, accuracy (from training) and latency (measured here)")
 async def variants(service: Service = Depends(get_ready_service)) -> dict:
     registry = service.registry
+    basis = registry.speed_basis()
+    pareto = {v.name for v in registry.pareto(basis)}
     return {"classes": registry.classes, "precision": registry.precision, "tta": registry.tta,
             "resident_memory_bytes": resident_memory_bytes(),
-            "variants": [v.describe() for v in registry.variants]}
+            "execution": {"status": service.execution, "plan": service.plan_source, "key": service.plan_key,
+                          "threads": torch.get_num_threads(), "auto_speed_basis": basis},
+            "variants": [{**v.describe(), "pareto": v.name in pareto} for v in registry.variants]}
 
 
 @router.get("/variants/plot", responses={200: {"content": {"image/png": {}}}, **NOT_READY},

@@ -1,7 +1,7 @@
 """Direct sparse convolution: a compiled (numba) kernel that touches only the surviving weights.
 
 Generic sparse kernels pay for an im2col copy (9× the input) before a CSR GEMM, which costs more
-than the zeros save (see training/compact.py). Direct sparse convolution (Park et al., "Faster CNNs
+than the zeros save (see engine/compact.py). Direct sparse convolution (Park et al., "Faster CNNs
 with direct sparse convolutions", 2017) needs no copy: for every nonzero weight W[o, c, kh, kw] it
 adds W · (input channel c shifted by (kh, kw)) to output channel o. With the input laid out as
 [C, H+2, W+2, N] (padded, batch innermost), each shifted row is one contiguous run of W·N floats,

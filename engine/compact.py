@@ -17,7 +17,7 @@ GatedNet into a CompactNet that does less work and computes the same function (t
    pruning (training/prune.py) empties them by design, so its variants run as narrower dense nets.
 3. Per layer and batch size, the convolution runs dense (oneDNN on the compacted weight), as a
    CSR sparse GEMM over unfolded patches ("sparse"), or as a direct sparse convolution that only
-   touches the surviving weights ("direct", training/sparse_kernels.py), whichever ``calibrate``
+   touches the surviving weights ("direct", engine/sparse_kernels.py), whichever ``calibrate``
    measured fastest. Sparse paths are only tried where the compacted weight is sparse enough to
    have a chance (``SPARSE_MAX_DENSITY``).
 4. Per batch size, the whole network runs in PyTorch (with those per-layer paths) or, where
@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training import sparse_kernels
+from engine import sparse_kernels
+from engine.sparse_kernels import DirectSparseConv
 from training.model import GatedNet
-from training.sparse_kernels import DirectSparseConv
 
 PATHS = ("dense", "sparse", "direct")
 # ONNX Runtime is tried up to this batch size. Its win is lower per-operator overhead (~1.9x dense
@@ -162,6 +162,16 @@ class CompactNet(nn.Module):
         return [{"layer": name, "channels": f"{conv.weight.shape[0]}/{dense}", "density": round(conv.density, 4),
                  "paths": {f"batch_{b}": conv.paths.get(b, "dense") for b in BATCH_BUCKETS}}
                 for name, conv, dense in zip(self.layer_names, self.convs, self.dense_channels)]
+
+    def macs(self) -> int:
+        """Multiply-adds per image on the dense path of the compacted shapes (what runs before any
+        sparse path is chosen): the service's speed estimate until latency is measured."""
+        total, (h, w) = 0, self.input_hw
+        for conv in self.convs:
+            total += conv.weight.numel() * h * w
+            if conv.pool:
+                h, w = h // 2, w // 2
+        return total + self.head_weight.numel()
 
     def path_summary(self) -> str:
         """Per bucket: 'ORT' (ONNX Runtime) or one letter per layer: D dense, S CSR GEMM, X direct sparse,
