@@ -35,8 +35,11 @@ def port_problem(host: str, port: int) -> str | None:
 
 def check(settings: Settings) -> int:
     """Verify and load every variant (with the matching execution plan, if any), print the table."""
+    import torch
+
     from engine import plan as plans
 
+    torch.set_num_threads(settings.threads())
     registry = Registry(settings.models_dir, settings.inference_precision(), probe_runs=3,
                         onnx_runtime=settings.onnx_runtime)
     shipped, cache = settings.plan_directories()

@@ -114,10 +114,14 @@ class Service:
             new["variants"][variant.name] = self.registry.plan_entry(variant)
         try:
             plans.write(path, new)
-            self.plan_source = f"{path} (written by this process)"
-            log.info("execution plan written to %s", path)
         except OSError as exc:
             log.warning("could not write the execution plan to %s: %s", path, exc)
+            return
+        # This process's figures are now the plan's, which every other worker reads: say so alike.
+        self.plan_source = str(path)
+        for variant in self.registry.variants:
+            variant.latency_source = f"plan: {path}"
+        log.info("execution plan written to %s", path)
 
     async def wait_loaded(self) -> None:
         if self._loading is not None:

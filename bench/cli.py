@@ -1,5 +1,6 @@
 """`prune-bench`: benchmarks (not tests). Each prints ratios measured in one run.
 
+    prune-bench plan    measure the execution plan once and store it in models/plans/ (fast, stable start-up)
     prune-bench speed   variants vs dense PyTorch and dense ONNX Runtime, size, per-layer paths (default)
     prune-bench load    load/soak over HTTP: errors, latency percentiles, images/s, server RSS
     prune-bench serve   served accuracy over HTTP and the micro-batching ratio
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("speed", "load", "serve")
+COMMANDS = ("speed", "load", "serve", "plan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench.load import main as run
     elif command == "serve":
         from bench.serve import main as run
+    elif command == "plan":
+        from bench.plan import main as run
     else:
         from bench.speed import main as run
     return run(argv)

@@ -159,7 +159,7 @@ async def main_async(args: argparse.Namespace) -> int:
             if args.overload_seconds > 0:
                 port = args.port + 1
                 processes.append(start_server(args.models_dir, port, queue_size=args.overload_queue_size,
-                                              latency_probe_runs=3))
+                                              max_images=min(8, args.overload_queue_size), latency_probe_runs=3))
                 over_url = f"http://127.0.0.1:{port}"
                 await wait_ready(over_url, args.ready_timeout, processes[-1])
                 flood = await overload(client, over_url, images[0], args.overload_clients, args.overload_seconds)
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests before the RSS baseline (caches fill on first use of each shape)")
     p.add_argument("--overload-seconds", type=float, default=10, help="0: skip the overload phase")
     p.add_argument("--overload-clients", type=int, default=64)
-    p.add_argument("--overload-queue-size", type=int, default=16)
+    p.add_argument("--overload-queue-size", type=int, default=16,
+                   help="QUEUE_SIZE of the flooded server (≥ 8: requests carry 8 images)")
     p.add_argument("--ready-timeout", type=float, default=300)
     return asyncio.run(main_async(p.parse_args(argv)))
 

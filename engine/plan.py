@@ -76,8 +76,8 @@ def apply(net: CompactNet, entry: dict, onnx_runtime: bool = True) -> None:
     net.reset_paths()
     try:
         paths, backends = entry["paths"], entry["backends"]
-        if list(paths) != list(net.layer_names):
-            raise PlanError(f"plan layers {list(paths)} differ from the network's {net.layer_names}")
+        if set(paths) != set(net.layer_names):
+            raise PlanError(f"plan layers {sorted(paths)} differ from the network's {sorted(net.layer_names)}")
         float32 = net.head_weight.dtype == torch.float32
         for name, conv in zip(net.layer_names, net.convs):
             chosen = {int(b): p for b, p in paths[name].items()}

@@ -39,7 +39,7 @@ def test_load_soak_and_overload_pass_on_a_tiny_service(models_dir: Path, capsys:
     from tests.live import free_port
 
     assert prune_bench(["load", "--models-dir", str(models_dir), "--requests", "120", "--clients", "8",
-                        "--overload-seconds", "2", "--overload-clients", "24", "--overload-queue-size", "4",
+                        "--overload-seconds", "2", "--overload-clients", "24", "--overload-queue-size", "8",
                         "--warmup", "40",
                         "--port", str(free_port()), "--ready-timeout", "60"]) == 0
     text = capsys.readouterr().out

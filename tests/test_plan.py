@@ -1,0 +1,241 @@
+"""Execution plans (engine/plan.py), keep=auto's rule, and dispatch-when-idle batching: unit level."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.batching import MicroBatcher
+from app.registry import AutoError, Registry
+from engine import plan as plans
+from engine.compact import BATCH_BUCKETS, calibrate, compact
+from tests.conftest import build_models_dir, tiny_model
+from training.hardware import Capabilities
+from training.prune import prune
+
+AMX = Capabilities("Intel(R) Xeon(R) Platinum 8480+", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
+EPYC = Capabilities("AMD EPYC 7B13", frozenset({"avx2"}))
+
+
+def test_key_names_the_machine_and_filename_is_safe() -> None:
+    key = plans.plan_key("bf16", 2, AMX)
+    assert key["isa"] == "amx" and key["precision"] == "bf16" and key["threads"] == 2
+    assert key["torch"] == torch.__version__
+    assert plans.plan_key("fp32", 1, EPYC)["isa"] == "avx2"
+    name = plans.plan_filename(key)
+    assert name.startswith("plan-intel-r-xeon-r-platinum-8480-amx-torch") and name.endswith("-bf16-2t.json")
+    assert "/" not in name and " " not in name
+    assert plans.plan_filename(plans.plan_key("bf16", 1, AMX)) != name  # threads are part of the key
+
+
+def _sparse_net():
+    model = tiny_model()
+    prune(model, "gate", 0.1)
+    return compact(model)
+
+
+def test_snapshot_then_apply_reproduces_the_paths_without_timing() -> None:
+    net = _sparse_net()
+    ticks = iter(range(10_000))
+
+    def sparse_wins(fn) -> float:  # the sparse paths "measure" faster: deterministic, no clock
+        fn()
+        return 1.0 if next(ticks) % 3 == 0 else 0.1
+
+    calibrate(net, timer=sparse_wins, max_density=1.0, onnx=False)
+    entry = plans.snapshot(net)
+    assert any(p != "dense" for layer in entry["paths"].values() for p in layer.values())
+    fresh = _sparse_net()
+    plans.apply(fresh, json.loads(json.dumps(entry)))  # through JSON: keys become strings
+    assert plans.snapshot(fresh) == entry
+    x = torch.randn(8, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(fresh(x), net(x), atol=1e-4)
+
+
+def test_a_plan_that_does_not_fit_is_refused_and_leaves_dense_paths() -> None:
+    net = _sparse_net()
+    entry = plans.snapshot(net)
+    bad_layers = {**entry, "paths": dict(list(entry["paths"].items())[:-1])}
+    with pytest.raises(plans.PlanError, match="layers"):
+        plans.apply(net, bad_layers)
+    first = next(iter(entry["paths"]))
+    unknown = {**entry, "paths": {**entry["paths"], first: {str(b): "magic" for b in BATCH_BUCKETS}}}
+    with pytest.raises(plans.PlanError, match="unknown path"):
+        plans.apply(net, unknown)
+    onnx = {**entry, "backends": {str(b): "onnxruntime" for b in BATCH_BUCKETS}}
+    with pytest.raises(plans.PlanError, match="ONNX Runtime"):
+        plans.apply(net, onnx, onnx_runtime=False)
+    with pytest.raises(plans.PlanError, match="malformed"):
+        plans.apply(net, {"paths": 3})
+    assert set(plans.snapshot(net)["backends"].values()) == {"torch"}
+    assert all(set(layer.values()) == {"dense"} for layer in plans.snapshot(net)["paths"].values())
+
+
+def test_entries_match_by_checkpoint_hash_and_files_by_key(tmp_path: Path) -> None:
+    plan = {"variants": {"dense": {"sha256": "aa"}}}
+    assert plans.entry_for(plan, "dense", "aa") == {"sha256": "aa"}
+    assert plans.entry_for(plan, "dense", "bb") is None and plans.entry_for(None, "dense", "aa") is None
+    key = plans.plan_key("fp32", 1)
+    path = tmp_path / "a" / plans.plan_filename(key)
+    plans.write(path, plans.new_plan(key, "test", 1, 0))
+    assert plans.find([tmp_path / "missing", tmp_path / "a"], key)[1] == path
+    assert plans.find([tmp_path / "a"], {**key, "threads": 7}) is None
+    other = {**key, "torch": "0.0"}  # a file under this key's name but made elsewhere: not used
+    plans.write(path, plans.new_plan(other, "test", 1, 0))
+    assert plans.find([tmp_path / "a"], key) is None
+    path.write_text("{broken")
+    assert plans.find([tmp_path / "a"], key) is None
+    assert not list(path.parent.glob(".plan-*"))  # atomic writes leave no temporaries
+
+
+def test_calibration_lock_admits_one_holder(tmp_path: Path) -> None:
+    first, second = plans.CalibrationLock(tmp_path / "p.json"), plans.CalibrationLock(tmp_path / "p.json")
+    assert first.acquire() and not second.acquire()
+    first.release()
+    assert second.acquire()
+    second.release()
+
+
+# -- keep=auto ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    root = build_models_dir(tmp_path_factory.mktemp("auto") / "models", keeps=(1.0, 0.5, 0.3, 0.1),
+                            channel_keeps=(0.5,))
+    registry = Registry(root, "fp32", probe_runs=3)
+    registry.load_models()
+    assert registry.ready
+    return registry
+
+
+def _figures(registry: Registry, accuracy: dict, images_per_s: dict, p95_ms: dict | None = None) -> None:
+    for v in registry.variants:
+        key = (v.granularity, v.keep)
+        v.test_acc_mean = accuracy[key]
+        v.drop = accuracy[("weight", 1.0)] - accuracy[key]
+        v.latency = {b: {"p50_ms": 1.0, "images_per_s": images_per_s[key],
+                         "p95_ms": (p95_ms or {}).get(key, 1.0) * b} for b in BATCH_BUCKETS}
+        v.latency_source = "plan"
+
+
+def test_auto_ranks_by_compute_until_measured_then_by_measured_speed(registry: Registry) -> None:
+    for v in registry.variants:
+        v.latency, v.latency_source = {}, None
+    assert registry.speed_basis() == "compute"
+    chosen = registry.auto(max_drop=100)  # fewest multiply-adds (the channel variant is narrower)
+    assert chosen.granularity == "channel"
+    accuracy = {("weight", 1.0): 90.0, ("weight", 0.5): 89.9, ("weight", 0.3): 89.5, ("weight", 0.1): 88.0,
+                ("channel", 0.5): 87.0}
+    speed = {("weight", 1.0): 80, ("weight", 0.5): 103, ("weight", 0.3): 104, ("weight", 0.1): 300,
+             ("channel", 0.5): 250}
+    _figures(registry, accuracy, speed)
+    assert registry.speed_basis() == "measured"
+    # 0.5 and 0.3 are within NEAR_TIE of each other: the tie goes to the more accurate 0.5.
+    assert registry.auto(max_drop=0.6).keep == 0.5
+    assert registry.auto(max_drop=0.05).keep == 1.0
+    assert registry.auto(max_drop=2.0).keep == 0.1
+    # The channel variant is slower and less accurate than weight keep 0.1: dominated, never chosen.
+    assert "channel-keep0.50" not in {v.name for v in registry.pareto()}
+    assert registry.auto(max_drop=100).keep == 0.1
+    assert [registry.auto(max_drop=d).name for d in (0.6, 2.0)] == [registry.auto(max_drop=d).name for d in (0.6, 2.0)]
+    with pytest.raises(AutoError, match="no variant loses at most"):
+        registry.auto(max_drop=-1)
+    with pytest.raises(AutoError, match="needs max_drop"):
+        registry.auto()
+
+
+def test_auto_under_a_latency_budget_depends_on_the_queue(registry: Registry) -> None:
+    accuracy = {("weight", 1.0): 90.0, ("weight", 0.5): 89.0, ("weight", 0.3): 88.0, ("weight", 0.1): 87.0,
+                ("channel", 0.5): 86.0}
+    speed = {("weight", 1.0): 100, ("weight", 0.5): 200, ("weight", 0.3): 300, ("weight", 0.1): 400,
+             ("channel", 0.5): 500}
+    per_image_p95 = {("weight", 1.0): 4.0, ("weight", 0.5): 2.0, ("weight", 0.3): 1.0, ("weight", 0.1): 0.5,
+                     ("channel", 0.5): 0.25}  # p95 of a pass = this × its bucket size
+    _figures(registry, accuracy, speed, per_image_p95)
+    assert registry.auto(max_latency_ms=5).keep == 1.0  # idle: 1 image, dense p95 4 ms fits
+    # 5 queued + 1 → a pass of bucket 8: 32 / 16 / 8 / 4 / 2 ms for keep 1 / 0.5 / 0.3 / 0.1 / channel.
+    assert registry.auto(max_latency_ms=5, queued_images=5).keep == 0.1
+    assert registry.auto(max_latency_ms=9, queued_images=5).keep == 0.3
+    with pytest.raises(AutoError) as both:  # drop ≤ 1.5 leaves keep 1 and 0.5: neither fits 9 ms now
+        registry.auto(max_latency_ms=9, queued_images=5, max_drop=1.5)
+    assert both.value.status == 503
+    with pytest.raises(AutoError) as busy:
+        registry.auto(max_latency_ms=1, queued_images=60)
+    assert busy.value.status == 503
+    with pytest.raises(AutoError) as never:
+        registry.auto(max_latency_ms=0.1)
+    assert never.value.status == 422 and "even when idle" in str(never.value)
+
+
+# -- dispatch when idle --------------------------------------------------------------------------
+def test_an_idle_batcher_dispatches_at_once_and_batches_what_queued_meanwhile() -> None:
+    batches: list[int] = []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        batches.append(len(x))
+        time.sleep(0.05)
+        return torch.zeros(len(x), 3)
+
+    async def scenario() -> float:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(run, pool, max_batch=64, max_wait_ms=0, queue_size=64)
+            began = time.perf_counter()
+            first = asyncio.ensure_future(batcher.submit(torch.zeros(1, 3, 32, 32)))
+            await asyncio.sleep(0.01)  # the first pass is running: these five wait for it
+            rest = [asyncio.ensure_future(batcher.submit(torch.zeros(1, 3, 32, 32))) for _ in range(5)]
+            await first
+            alone = time.perf_counter() - began
+            await asyncio.gather(*rest)
+            await batcher.stop()
+        return alone
+
+    alone = asyncio.run(scenario())
+    assert batches == [1, 5]
+    assert alone < 0.05 + 0.04  # no batching window: the lone request did not wait for company
+
+
+def test_a_dead_collector_fails_its_waiters_and_is_restarted() -> None:
+    async def scenario() -> tuple:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(lambda x: torch.ones(len(x), 3), pool, max_batch=8, max_wait_ms=0, queue_size=64)
+
+            async def crash(jobs, count) -> None:  # a bug outside the per-batch error handling
+                raise RuntimeError("collector bug")
+
+            original = batcher._run_jobs
+            batcher._run_jobs = crash
+            failed = await asyncio.wait_for(asyncio.gather(batcher.submit(torch.zeros(2, 3, 32, 32)),
+                                                           return_exceptions=True), 2)
+            batcher._run_jobs = original
+            served = await asyncio.wait_for(batcher.submit(torch.zeros(1, 3, 32, 32)), 2)
+            depth = batcher.pending_images
+            await batcher.stop()
+        return failed[0], served, depth
+
+    error, served, depth = asyncio.run(scenario())
+    assert isinstance(error, RuntimeError) and "collector" in str(error)
+    assert served.shape == (1, 3) and depth == 0
+
+
+def test_stop_waits_at_most_the_grace_period() -> None:
+    async def scenario() -> tuple:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(lambda x: (time.sleep(0.5), torch.ones(len(x), 3))[1], pool, max_batch=1,
+                                   max_wait_ms=0, queue_size=64)
+            waiting = [asyncio.ensure_future(batcher.submit(torch.zeros(1, 3, 32, 32))) for _ in range(6)]
+            await asyncio.sleep(0.05)
+            began = time.perf_counter()
+            await batcher.stop(grace_s=0.2)
+            took = time.perf_counter() - began
+            results = await asyncio.gather(*waiting, return_exceptions=True)
+        return took, results
+
+    took, results = asyncio.run(scenario())
+    assert took < 0.5
+    assert any(type(r).__name__ == "ShuttingDown" for r in results)
