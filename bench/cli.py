@@ -1,7 +1,8 @@
 """`prune-bench`: benchmarks (not tests). Each prints ratios measured in one run.
 
     prune-bench plan    measure the execution plan once and store it in models/plans/ (fast, stable start-up)
-    prune-bench speed   variants vs dense PyTorch and dense ONNX Runtime, size, per-layer paths (default)
+    prune-bench speed   in process: variants vs the service's dense variant and dense ONNX Runtime (default)
+    prune-bench http    over HTTP with wrk: variants vs dense, workers, micro-batching on/off
     prune-bench load    load/soak over HTTP: errors, latency percentiles, images/s, server RSS
     prune-bench serve   served accuracy over HTTP and the micro-batching ratio
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("speed", "load", "serve", "plan")
+COMMANDS = ("speed", "load", "serve", "plan", "http")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench.serve import main as run
     elif command == "plan":
         from bench.plan import main as run
+    elif command == "http":
+        from bench.http import main as run
     else:
         from bench.speed import main as run
     return run(argv)

@@ -32,7 +32,7 @@ def test_speed_reports_every_variant_against_dense_and_onnx_runtime(models_dir: 
         assert set(row["images_per_s"]) == {"1", "8", "64"} and row["vs_onnx"] is not None
         assert f"| {row['name']} |" in text
     assert result["service_rss_bytes"] > 0
-    assert "Goals (this run):" in text and "ONNX Runtime" in text
+    assert "Goals (this run" in text and "ONNX Runtime" in text and "service dense" in text
 
 
 def test_load_soak_and_overload_pass_on_a_tiny_service(models_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -50,3 +50,20 @@ def test_load_soak_and_overload_pass_on_a_tiny_service(models_dir: Path, capsys:
 def test_load_refuses_a_non_loopback_target(capsys: pytest.CaptureFixture) -> None:
     assert prune_bench(["load", "--url", "http://example.com:8000"]) == 2
     assert "loopback" in capsys.readouterr().err
+
+
+def test_http_bench_compares_variants_and_configurations(models_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from tests.live import free_port
+
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (.ci/run installs it)")
+    assert prune_bench(["http", "--models-dir", str(models_dir), "--variants", "gate-keep0.10", "--clients", "2",
+                        "--images", "1", "--max-batch", "1", "8", "--seconds", "1", "--warmup", "1",
+                        "--port", str(free_port())]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 4  # 2 variants (dense added) × 2 server configurations
+    assert all(row.split("|")[3].strip() in ("dense", "gate-keep0.10") for row in rows)
+    assert "| 1 | 1 | dense | 1 | 2 |" in text and "1.00 | 1.00 |" in text
