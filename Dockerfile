@@ -29,6 +29,7 @@ RUN pip install --no-cache-dir -r requirements.lock \
     fi
 
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY training ./training
 COPY engine ./engine
 COPY app ./app

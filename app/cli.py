@@ -40,6 +40,7 @@ def check(settings: Settings) -> int:
     from engine import plan as plans
 
     torch.set_num_threads(settings.threads())
+    logging.getLogger("app.registry").setLevel(logging.CRITICAL)  # its problems are printed below, once
     registry = Registry(settings.models_dir, settings.inference_precision(), probe_runs=3,
                         onnx_runtime=settings.onnx_runtime)
     shipped, cache = settings.plan_directories()

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
+from core.manifest import SCHEMA_VERSION, Manifest, VariantEntry, describe_error
 from engine import plan as plans
 from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, compact, median_seconds
 from training.checkpoint import CheckpointError, load_model
-from training.model import TTA_LEVELS, tta_logits
+from training.model import tta_logits
 
 log = logging.getLogger("app.registry")
 
@@ -102,9 +104,6 @@ class Variant:
         }
 
 
-_REQUIRED_VARIANT_KEYS = ("name", "keep", "file", "sha256", "params", "test_acc_mean", "test_acc_std", "drop")
-
-
 class Registry:
     """Everything loaded from one models directory."""
 
@@ -116,6 +115,7 @@ class Registry:
         self.onnx_runtime = onnx_runtime
         self.probe_runs = probe_runs
         self.manifest: dict = {}
+        self.entries: list[VariantEntry] = []
         self.classes: list[str] = []
         self.mean: list[float] = []
         self.std: list[float] = []
@@ -140,10 +140,16 @@ class Registry:
         Any failure, of any kind, is reported (file and reason), never left hanging."""
         try:
             self._load_manifest()
-            for entry in self.manifest["variants"]:
+            for entry in self.entries:
                 if self.stopping.is_set():
                     raise Interrupted("shutting down")
-                self.variants.append(self._load_variant(entry))
+                try:
+                    self.variants.append(self._load_variant(entry))
+                except (ModelsError, CheckpointError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - anything else: name the file and the reason
+                    raise ModelsError(f"{self.models_dir / entry.file}: cannot load variant {entry.name!r} "
+                                      f"({type(exc).__name__}: {exc})") from exc
             self.variants.sort(key=lambda v: (GRANULARITIES.index(v.granularity), -v.keep))
             self._base_cache.clear()
             self.ready = True
@@ -177,48 +183,35 @@ class Registry:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelsError(f"{path}: manifest is not valid JSON ({exc})") from exc
         try:
-            self.classes = [str(c) for c in self.manifest["classes"]]
-            self.mean = [float(x) for x in self.manifest["normalization"]["mean"]]
-            self.std = [float(x) for x in self.manifest["normalization"]["std"]]
-            self.tta = int(self.manifest.get("tta", 0))
-            if self.tta not in TTA_LEVELS:
-                raise ValueError(f"tta must be one of {TTA_LEVELS}, got {self.tta}")
-            variants = self.manifest["variants"]
-            if not variants:
-                raise ModelsError(f"{path}: manifest lists no variants")
-            for i, entry in enumerate(variants):
-                missing = [k for k in _REQUIRED_VARIANT_KEYS if k not in entry]
-                if missing:
-                    raise ModelsError(f"{path}: variant #{i} lacks {', '.join(missing)}")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelsError(f"{path}: manifest does not follow schema version 1 (missing or bad {exc})") from exc
+            manifest = Manifest.model_validate(self.manifest)
+        except ValidationError as exc:
+            raise ModelsError(f"{path}: manifest does not follow schema version {SCHEMA_VERSION}: "
+                              f"{describe_error(exc)}") from None
+        self.classes = manifest.classes
+        self.mean, self.std = manifest.normalization.mean, manifest.normalization.std
+        self.tta = manifest.tta
+        self.entries = manifest.variants
 
-    def _load_variant(self, entry: dict) -> Variant:
-        file = self.models_dir / entry["file"]
+    def _load_variant(self, entry: VariantEntry) -> Variant:
+        file = self.models_dir / entry.file
         if not file.resolve().is_relative_to(self.models_dir.resolve()):
-            raise ModelsError(f"manifest variant {entry['name']!r} points outside the models directory: {file}")
+            raise ModelsError(f"manifest variant {entry.name!r} points outside the models directory: {file}")
         # sha256-verified, safetensors only; a variant stored as a mask over dense.safetensors shares
         # one verified read of it through the cache.
-        model = load_model(file, entry["sha256"], root=self.models_dir, base_cache=self._base_cache)
+        model = load_model(file, entry.sha256, root=self.models_dir, base_cache=self._base_cache)
         if model.config.num_classes != len(self.classes):
             raise ModelsError(f"{file}: model has {model.config.num_classes} outputs, manifest {len(self.classes)}")
         net = compact(model)
         del model  # only the compact network is kept: no dense copy per variant
         if self.precision == "bf16":
             net = net.to(torch.bfloat16)
-        granularity = entry.get("granularity", "weight")
-        if granularity not in GRANULARITIES:
-            raise ModelsError(f"manifest variant {entry['name']!r}: unknown granularity {granularity!r}")
         return Variant(
-            name=entry["name"], keep=float(entry["keep"]), sparsity=float(entry.get("sparsity", 1 - entry["keep"])),
-            granularity=granularity, criterion=entry.get("criterion", "gate"),
-            file=entry["file"], bytes=int(entry.get("bytes", file.stat().st_size)), sha256=entry["sha256"],
-            params={k: int(v) for k, v in entry["params"].items()}, finetuned=bool(entry.get("finetuned", False)),
-            base=entry.get("base"),
-            test_acc_mean=float(entry["test_acc_mean"]), test_acc_std=float(entry["test_acc_std"]),
-            test_acc_per_seed=[float(a) for a in entry.get("test_acc_per_seed", [])], drop=float(entry["drop"]),
-            net=net, test_acc_no_tta_mean=(float(entry["test_acc_no_tta_mean"])
-                                           if entry.get("test_acc_no_tta_mean") is not None else None),
+            name=entry.name, keep=entry.keep, sparsity=entry.sparsity if entry.sparsity is not None else 1 - entry.keep,
+            granularity=entry.granularity, criterion=entry.criterion, file=entry.file,
+            bytes=entry.bytes if entry.bytes is not None else file.stat().st_size, sha256=entry.sha256,
+            params=entry.params, finetuned=entry.finetuned, base=entry.base, test_acc_mean=entry.test_acc_mean,
+            test_acc_std=entry.test_acc_std, test_acc_per_seed=entry.test_acc_per_seed, drop=entry.drop, net=net,
+            test_acc_no_tta_mean=entry.test_acc_no_tta_mean,
         )
 
     def optimise(self, variant: Variant, entry: dict | None = None, source: str = "") -> bool:

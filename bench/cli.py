@@ -3,6 +3,7 @@
     prune-bench plan    measure the execution plan once and store it in models/plans/ (fast, stable start-up)
     prune-bench speed   in process: variants vs the service's dense variant and dense ONNX Runtime (default)
     prune-bench http    over HTTP with wrk: variants vs dense, workers, micro-batching on/off
+    prune-bench startup time to /ready, exit on SIGTERM/SIGINT, taken port, keep=auto across starts
     prune-bench load    load/soak over HTTP: errors, latency percentiles, images/s, server RSS
     prune-bench serve   served accuracy over HTTP and the micro-batching ratio
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("speed", "load", "serve", "plan", "http")
+COMMANDS = ("speed", "load", "serve", "plan", "http", "startup")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench.plan import main as run
     elif command == "http":
         from bench.http import main as run
+    elif command == "startup":
+        from bench.startup import main as run
     else:
         from bench.speed import main as run
     return run(argv)

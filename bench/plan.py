@@ -23,15 +23,16 @@ from pathlib import Path
 
 import torch
 
-from app.registry import Registry
+from app.registry import LATENCY_BATCHES, Registry
 from app.settings import Settings, usable_cores
 from engine import plan as plans
+from engine.compact import calibrate
 
 
 def measure_plan(registry: Registry, rounds: int, probe_runs: int) -> dict[str, dict]:
     """Calibrate every variant, then time it over ``rounds`` interleaved rounds; plan entries by name."""
     for variant in registry.variants:
-        registry.optimise(variant)  # path choice (and a first measurement, discarded)
+        calibrate(variant.net, onnx=registry.onnx_runtime)  # path choice, as the service would make it
         print(f"calibrated {variant.name}: {variant.net.path_summary()}", flush=True)
     samples: dict[str, list[dict]] = {v.name: [] for v in registry.variants}
     order = list(registry.variants)
@@ -43,7 +44,7 @@ def measure_plan(registry: Registry, rounds: int, probe_runs: int) -> dict[str, 
     entries = {}
     for variant in registry.variants:
         latency = {}
-        for batch in variant.latency:
+        for batch in LATENCY_BATCHES:
             p50 = statistics.median(s[batch]["p50_ms"] for s in samples[variant.name])
             latency[batch] = {"p50_ms": p50, "images_per_s": batch / (p50 / 1e3),
                               "p95_ms": statistics.median(s[batch]["p95_ms"] for s in samples[variant.name]),

@@ -454,3 +454,54 @@ def test_openapi_documents_errors_and_body(client: TestClient) -> None:
     post = spec["paths"]["/predict"]["post"]
     assert {"413", "415", "422", "503"} <= set(post["responses"])
     assert {"multipart/form-data", "image/*"} <= set(post["requestBody"]["content"])
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ({"keep": "half"}, "variants.1.keep: Input should be a valid number"),
+    ({"keep": 1.5}, "variants.1.keep: Input should be less than or equal to 1"),
+    ({"sha256": "xyz"}, "variants.1.sha256"),
+    ({"drop": None}, "variants.1.drop"),
+    ({"name": "dense"}, "variant names repeat"),
+    ({"file": None}, "variants.1.file"),
+])
+def test_a_malformed_manifest_value_is_named_never_hangs(models_dir: Path, fault: dict, expected: str) -> None:
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    manifest["variants"][1].update(fault)
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    with make_client(models_dir) as c:
+        state = wait_ready(c, timeout=10)
+        assert state["ready"] is False and "manifest.json" in state["error"] and expected in state["error"]
+        r = c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+        assert r.status_code == 503 and expected in r.json()["detail"]
+
+
+@pytest.mark.parametrize("top, expected", [({"tta": 7}, "tta"), ({"variants": []}, "variants"),
+                                           ({"classes": "cat"}, "classes"), ({"schema_version": 2}, "schema_version"),
+                                           ({"normalization": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, "std")])
+def test_malformed_top_level_manifest_values_are_named(models_dir: Path, top: dict, expected: str) -> None:
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    manifest.update(top)
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    with make_client(models_dir) as c:
+        state = wait_ready(c, timeout=10)
+    assert state["ready"] is False and expected in state["error"]
+
+
+def test_exif_rotated_upload_is_classified_upright(client: TestClient) -> None:
+    upright = Image.new("RGB", (48, 64), (30, 160, 40))
+    for y in range(64):
+        for x in range(12):
+            upright.putpixel((x, y), (240, 240, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned; the viewer (and we) rotate it back
+    buffer = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buffer, format="PNG", exif=exif.tobytes())
+    plain = io.BytesIO()
+    upright.save(plain, format="PNG")
+
+    def probabilities(data: bytes) -> list[float]:
+        r = client.post("/predict?top_k=3", files={"files": ("p.png", data, "image/png")})
+        assert r.status_code == 200
+        return [t["probability"] for t in r.json()["predictions"][0]["top_k"]]
+
+    assert np.allclose(probabilities(buffer.getvalue()), probabilities(plain.getvalue()), atol=1e-6)

@@ -195,3 +195,22 @@ def test_summary_quotes_the_manifest(image_folder: Path, tmp_path: Path) -> None
     for variant in manifest["variants"]:
         assert f"| {variant['name']} |" in summary and f"{variant['bytes']:,}" in summary
     assert summary.count("goal ≤") == 3
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_before_preprocessing(orientation: int) -> None:
+    """A phone stores pixels as the sensor saw them plus an orientation tag; the tag is applied."""
+    upright_image = Image.new("RGB", (64, 48), (200, 30, 30))
+    for x in range(0, 64):
+        for y in range(0, 12):
+            upright_image.putpixel((x, y), (20, 20, 220))  # a blue band on top: orientation matters
+    # What the camera would store for each tag: the upright picture turned the other way.
+    stored = upright_image.transpose({3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+                                      8: Image.Transpose.ROTATE_270}[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif.tobytes())
+    tagged = Image.open(io.BytesIO(buffer.getvalue()))
+    assert torch.equal(preprocess(tagged), preprocess(upright_image))
+    assert not torch.equal(preprocess(stored), preprocess(upright_image))  # the tag is what made the difference

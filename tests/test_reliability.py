@@ -172,3 +172,32 @@ def test_no_pickle_loading_anywhere() -> None:
             assert not re.search(r"^\s*(import|from)\s+(pickle|dill|joblib|cloudpickle)\b", text, re.M), path
     data = (ROOT / "training" / "data.py").read_text()
     assert "class _NumpyOnlyUnpickler(pickle.Unpickler)" in data and "pickle.load(" not in data
+
+
+def test_check_with_a_malformed_manifest_prints_one_line_and_exits_1(models_dir: Path) -> None:
+    """Run as an operator would: a separate process, stderr read whole. No traceback, one line."""
+    import json
+    import subprocess
+    import sys
+
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    manifest["variants"][0]["keep"] = "half"
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    done = subprocess.run([sys.executable, "-m", "app.cli", "--check", "--models-dir", str(models_dir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prune-serve: ") and "variants.0.keep" in lines[0]
+    assert "'half'" in lines[0]
+
+
+def test_bad_settings_exit_2_with_one_line(models_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "app.cli", "--check", "--models-dir", str(models_dir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "QUEUE_SIZE": "4", "MAX_IMAGES": "64"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "QUEUE_SIZE=4 is below MAX_IMAGES=64" in done.stderr

@@ -62,16 +62,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess(image: Image.Image) -> Tensor:
-    """The evaluation transform: RGB, shorter side resized to 32, centre crop 32×32 → uint8 [3, 32, 32].
+    """The evaluation transform: upright (EXIF orientation applied), RGB, shorter side resized to 32,
+    centre crop 32×32 → uint8 [3, 32, 32].
 
     CIFAR-10's own images pass through unchanged; larger photos are shrunk the same way every time.
+    A phone photo stores its pixels as the sensor saw them plus an orientation tag: without applying
+    it, a portrait photo would be classified lying on its side.
     """
+    image = upright(image)
     image = to_rgb(image)
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
         image = ImageOps.fit(image, (IMAGE_SIZE, IMAGE_SIZE), method=Image.Resampling.BILINEAR,
                              centering=(0.5, 0.5))
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return data.view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1).contiguous()
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as its EXIF orientation tag says it should be seen (unchanged without a tag, or with
+    an unreadable one: a broken tag is no reason to refuse the pixels)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)  # Orientation
+    except Exception:  # noqa: BLE001 - malformed EXIF blocks raise many types
+        return image
+    if orientation in (None, 1):
+        return image
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001
+        return image
 
 
 def normalize(images: Tensor, mean: list[float] | tuple[float, ...], std: list[float] | tuple[float, ...]) -> Tensor:
