@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                     timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)), log_level="info",
-                    access_log=env.access_log)
+                    access_log=env.access_log, limit_concurrency=settings.limit_concurrency)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.routers import health, metrics, predict, variants
+from app.security import require_api_key, warn_if_open
 from app.service import Service
 from app.settings import Settings, get_settings
 
@@ -61,6 +63,34 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+class RequestTimeoutMiddleware:
+    """A request not answered within ``seconds`` (a slow upload, a long queue) gets 504 with a JSON
+    detail; its images, if already queued, are still computed and dropped (never half a batch)."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracking_send), self.seconds)
+        except TimeoutError:
+            if started:  # too late for a status: the connection is closed mid-response
+                raise
+            detail = f"request not answered within REQUEST_TIMEOUT_S={self.seconds:g} s"
+            await JSONResponse({"detail": detail}, status_code=504)(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -68,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):  # noqa: ANN202
         service = Service(settings)
         app.state.service = service
+        warn_if_open(settings.host, settings.api_keys)
         await service.start()
         try:
             yield
@@ -80,11 +111,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Pick your point on the accuracy / speed trade-off per request: `POST /predict?keep=0.3`.",
         lifespan=lifespan,
     )
-    app.include_router(health.router)
-    app.include_router(predict.router)
-    app.include_router(variants.router)
-    app.include_router(metrics.router)
+    app.state.settings = settings
+    keyed = [Depends(require_api_key)]  # a no-op unless API_KEYS is set
+    app.include_router(health.router)  # always open: orchestrators probe without credentials
+    app.include_router(predict.router, dependencies=keyed)
+    app.include_router(variants.router, dependencies=keyed)
+    app.include_router(metrics.router, dependencies=keyed)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(RequestTimeoutMiddleware, seconds=settings.request_timeout_s)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -6,9 +6,10 @@ import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.hardware import detect
 
@@ -42,6 +43,30 @@ class Settings(BaseSettings):
                                                     "~/.cache/gated-prune/plans, else the temp directory)")
     shutdown_grace_s: float = Field(2.0, ge=0, le=600, description="on SIGTERM/SIGINT, how long requests "
                                                                    "already accepted may take to finish")
+
+    limit_concurrency: int = Field(256, ge=1, description="open connections and tasks beyond which uvicorn "
+                                                         "answers 503 at once, before reading anything")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request not answered in this time (slow "
+                                                                      "upload or long queue) gets 504")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated keys; when "
+                                                     "set, every route but /health and /ready needs "
+                                                     "Authorization: Bearer <key>")
+    metrics_require_key: bool = Field(True, description="with API_KEYS: whether /metrics needs a key too (false "
+                                                        "lets a Prometheus without credentials scrape it)")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _key_length(cls, value: list[str]) -> list[str]:
+        if any(len(key) < 16 for key in value):
+            raise ValueError("every API key must have at least 16 characters")
+        return value
 
     @field_validator("default_keep")
     @classmethod
