@@ -5,7 +5,6 @@ FROM python:3.11-slim
 # installs torch from pip's default index instead (a CUDA build: larger image, same behaviour on CPU).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -23,14 +22,13 @@ COPY requirements.lock ./
 RUN pip install --no-cache-dir -r requirements.lock \
  && if [ -n "$TORCH_INDEX_URL" ]; then \
       pip install --no-cache-dir --no-deps --index-url "$TORCH_INDEX_URL" \
-        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"; \
+        "torch==${TORCH_VERSION}"; \
     else \
-      pip install --no-cache-dir -c requirements.lock "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"; \
+      pip install --no-cache-dir -c requirements.lock "torch==${TORCH_VERSION}"; \
     fi
 
 COPY pyproject.toml README.md ./
 COPY core ./core
-COPY training ./training
 COPY engine ./engine
 COPY app ./app
 COPY bench ./bench
@@ -41,9 +39,9 @@ COPY models ./models
 
 USER 10001
 EXPOSE 8000
-# Ready = every checkpoint verified, loaded and measured. Generous start period: start-up measures latency.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+# Ready = every checkpoint verified and loaded (seconds); execution plans are applied in the background.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/ready', timeout=4).status == 200 else 1)"]
-# uvicorn finishes in-flight requests on SIGTERM (up to 30 s) before it exits.
+# On SIGTERM accepted requests get SHUTDOWN_GRACE_S (2 s) to finish, then the process exits.
 STOPSIGNAL SIGTERM
 CMD ["prune-serve"]

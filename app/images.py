@@ -2,7 +2,7 @@
 
 Pillow's ``Image.open`` only reads the header, so width × height is checked against MAX_PIXELS before
 a single pixel is decoded: a decompression bomb costs a header read, not gigabytes of memory.
-The pixels then go through ``training.data.preprocess``, the same function training evaluates with.
+The pixels then go through ``core.preprocess.preprocess``, the same function training evaluates with.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from training.data import preprocess
+from core.preprocess import preprocess
 
 
 @dataclass

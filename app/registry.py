@@ -21,11 +21,11 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
+from core.checkpoint import CheckpointError, load_model
 from core.manifest import SCHEMA_VERSION, Manifest, VariantEntry, describe_error
+from core.model import tta_logits
 from engine import plan as plans
 from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, compact, median_seconds
-from training.checkpoint import CheckpointError, load_model
-from training.model import tta_logits
 
 log = logging.getLogger("app.registry")
 

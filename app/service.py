@@ -24,8 +24,8 @@ from app.batching import MicroBatcher
 from app.metrics import Metrics
 from app.registry import Interrupted, Registry, Variant
 from app.settings import Settings
+from core.preprocess import normalize
 from engine import plan as plans
-from training.data import normalize
 
 log = logging.getLogger("app.service")
 PLAN_POLL_S = 0.5  # how often a worker waiting for another's calibration looks for its plan

@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from training.hardware import detect
+from core.hardware import detect
 
 
 class Settings(BaseSettings):

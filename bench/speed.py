@@ -33,18 +33,18 @@ from pathlib import Path
 
 import torch
 
+from core import checkpoint
+from core.hardware import autocast
+from core.model import GatedNet
 from engine.compact import BATCH_BUCKETS, OnnxSession, calibrate, compact, onnxruntime_available
-from training import checkpoint
-from training.model import GatedNet
-from training.train import autocast
 
 Runner = Callable[[torch.Tensor], object]
 
 
 def machine() -> str:
     """The CPU every figure was measured on (model and instruction-set tier)."""
+    from core.hardware import detect
     from engine.plan import isa_level
-    from training.hardware import detect
 
     caps = detect()
     return f"{caps.cpu_model} ({isa_level(caps)})"

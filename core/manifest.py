@@ -8,8 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.model import TTA_LEVELS
+
 SCHEMA_VERSION = 1
-TTA_LEVELS = (0, 1, 2)  # training.model.TTA_LEVELS: none, flip, flip + 2 translations
 
 
 class Normalization(BaseModel):

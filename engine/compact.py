@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.model import GatedNet
 from engine import sparse_kernels
 from engine.sparse_kernels import DirectSparseConv
-from training.model import GatedNet
 
 PATHS = ("dense", "sparse", "direct")
 # ONNX Runtime is tried up to this batch size. Its win is lower per-operator overhead (~1.9x dense

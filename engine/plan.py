@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from core.hardware import Capabilities, detect
 from engine import sparse_kernels
 from engine.compact import BATCH_BUCKETS, PATHS, CompactNet, OnnxSession, onnxruntime_available
-from training.hardware import Capabilities, detect
 
 PLAN_VERSION = 1
 BACKENDS = ("torch", "onnxruntime")

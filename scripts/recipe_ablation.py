@@ -13,9 +13,9 @@ from dataclasses import replace
 
 import torch
 
+from core.hardware import select_device, select_precision
+from core.model import GatedNet, NetConfig
 from training.data import channel_stats, load_dataset, normalize, split_validation
-from training.hardware import select_device, select_precision
-from training.model import GatedNet, NetConfig
 from training.train import TrainConfig, accuracy, recalibrate_bn, train
 
 SETTINGS = {  # name → (TrainConfig overrides, prune-train flags)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.model import GatedNet, NetConfig
+from core.model import GatedNet, NetConfig
 
 TINY = NetConfig(widths=(8, 8, 16), stem_width=4, num_classes=3)
 CLASSES = ("cat", "dog", "frog")
@@ -68,7 +68,7 @@ def build_models_dir(root: Path, keeps: tuple[float, ...] = (1.0, 0.5, 0.1), see
     placeholders for the API to echo (the tests check they are passed through, not their value)."""
     import json
 
-    from training import checkpoint
+    from core import checkpoint
     from training.prune import prune, prune_channels
 
     root.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def build_models_dir(root: Path, keeps: tuple[float, ...] = (1.0, 0.5, 0.1), see
         criterion = "channel" if granularity == "channel" else "gate" if keep < 1 else "dense"
         name = "dense" if keep == 1.0 else f"{criterion}-keep{keep:.2f}"
         size, sha = checkpoint.save_pruned(model, root / "variants" / f"{name}.safetensors")
-        from training.model import count_parameters
+        from core.model import count_parameters
 
         variants.append({"name": name, "criterion": criterion, "keep": keep,
                          "sparsity": round(1 - keep, 4), "granularity": granularity,

@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
 from app.settings import Settings
+from core.checkpoint import load_model
+from core.preprocess import normalize, preprocess
 from tests.conftest import CLASSES, build_models_dir, jpeg_bytes
-from training.checkpoint import load_model
-from training.data import normalize, preprocess
 
 
 def make_client(models_dir: Path, **overrides) -> TestClient:

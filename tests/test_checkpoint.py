@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from core import checkpoint
+from core.checkpoint import CheckpointError, decode, encode, load_model, pack_bits, unpack_bits
 from tests.conftest import tiny_model
-from training import checkpoint
-from training.checkpoint import CheckpointError, decode, encode, load_model, pack_bits, unpack_bits
 from training.prune import prune
 
 

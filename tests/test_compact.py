@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from core import checkpoint
 from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, choose_path, compact
 from tests.conftest import tiny_model
-from training import checkpoint
 from training.prune import channel_counts, channel_masks, prune, prune_channels
 
 TOL = 1e-4

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from core import checkpoint
 from tests.conftest import CLASSES, jpeg_bytes
-from training import checkpoint
 from training.data import DataError, load_dataset, preprocess, split_validation
 from training.pipeline import main as prune_train
 

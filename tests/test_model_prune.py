@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.model import GatedConv2d, GatedLinear, count_parameters
 from tests.conftest import TINY, tiny_model
-from training.model import GatedConv2d, GatedLinear, count_parameters
 from training.prune import CRITERIA, check_keep, importance, prune, topk_masks
 from training.train import TrainConfig, finetune, sampled_train_masks
 

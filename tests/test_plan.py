@@ -13,10 +13,10 @@ import torch
 
 from app.batching import MicroBatcher
 from app.registry import AutoError, Registry
+from core.hardware import Capabilities
 from engine import plan as plans
 from engine.compact import BATCH_BUCKETS, calibrate, compact
 from tests.conftest import build_models_dir, tiny_model
-from training.hardware import Capabilities
 from training.prune import prune
 
 AMX = Capabilities("Intel(R) Xeon(R) Platinum 8480+", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))

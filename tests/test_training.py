@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.hardware import Capabilities, describe, select_device, select_precision
+from core.model import tta_logits
 from tests.conftest import tiny_model
-from training.hardware import Capabilities, describe, select_device, select_precision
-from training.model import tta_logits
 from training.prune import check_keep
 from training.train import (
     PruneConfig,

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training import checkpoint, report
+from core import checkpoint
+from core.hardware import DEVICES_HELP, PRECISIONS, describe, select_device, select_precision
+from core.model import TTA_LEVELS, GatedNet, NetConfig, count_parameters
+from training import report
 from training.data import DataError, channel_stats, load_dataset, normalize, split_validation
-from training.hardware import DEVICES_HELP, PRECISIONS, describe, select_device, select_precision
-from training.model import TTA_LEVELS, GatedNet, NetConfig, count_parameters
 from training.prune import CRITERIA, SCOPES, channel_masks, check_keep, prune
 from training.train import (
     GATE_METHODS,

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from training.model import GatedNet
+from core.model import GatedNet
 
 CRITERIA = ("gate", "gate_magnitude", "magnitude", "random")
 SCOPES = ("global", "layer")

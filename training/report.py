@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import BinaryIO
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display on servers or CI
-import matplotlib.pyplot as plt  # noqa: E402
+from core.plot import plot_tradeoff  # noqa: F401 - the export draws models/tradeoff.png with it
 
 COLUMNS = ("criterion", "keep", "sparsity", "finetuned", "test_acc_mean", "test_acc_std", "drop",
            "val_acc_mean", "total", "prunable", "nonzero", "test_acc_per_seed")
@@ -29,52 +25,6 @@ def write_tables(table: list[dict], out: Path) -> None:
                      f"{row['test_acc_mean']:.2f} ± {row['test_acc_std']:.2f} | "
                      f"{row['drop']:+.2f} | {row['nonzero']:,} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
-
-
-def plot_tradeoff(table: list[dict], path: Path | BinaryIO, latency_ms: dict[float, float] | None = None) -> None:
-    """Accuracy vs sparsity, one line per criterion (solid: pruned only, dashed: + fine-tune).
-
-    Left: the whole range (baselines collapse); right: zoom on the top few points, where the useful
-    variants differ. ``latency_ms`` (keep → ms), when given, adds measured latency on the right panel.
-    """
-    dense = next(r for r in table if r["criterion"] == "dense")
-    fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 5), dpi=110)
-    criteria = sorted({r["criterion"] for r in table} - {"dense"})
-    colors = dict(zip(criteria, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    markers = dict(zip(criteria, "osD^v<>"))
-    for ax in (full, zoom):
-        for criterion in criteria:
-            for finetuned in (False, True):
-                rows = sorted((r for r in table if r["criterion"] == criterion and r["finetuned"] == finetuned),
-                              key=lambda r: r["sparsity"])
-                if not rows:
-                    continue
-                ax.errorbar([r["sparsity"] * 100 for r in rows], [r["test_acc_mean"] for r in rows],
-                            yerr=[r["test_acc_std"] for r in rows], color=colors[criterion],
-                            linestyle="--" if finetuned else "-", marker=markers[criterion], markersize=4,
-                            markerfacecolor="none" if finetuned else colors[criterion], capsize=2,
-                            label=f"{criterion}{' + fine-tune' if finetuned else ''}")
-        ax.axhline(dense["test_acc_mean"], color="black", linewidth=0.8, linestyle=":",
-                   label=f"dense {dense['test_acc_mean']:.2f}%")
-        ax.set_xlabel("sparsity (% of prunable weights removed)")
-        ax.grid(alpha=0.3)
-    full.set_ylabel("CIFAR-10 test accuracy (%), mean ± std over seeds")
-    full.set_title("all criteria")
-    full.legend(loc="lower left", fontsize=7)
-    zoom.set_ylim(dense["test_acc_mean"] - 6, dense["test_acc_mean"] + 1)
-    zoom.set_title("zoom: within 6 points of dense")
-    if latency_ms:
-        twin = zoom.twinx()
-        keeps = sorted(latency_ms, reverse=True)
-        twin.plot([(1 - k) * 100 for k in keeps], [latency_ms[k] for k in keeps], color="grey", marker="s",
-                  markersize=3, linewidth=1, label="latency, batch 1 (ms, measured here)")
-        twin.set_ylabel("latency at batch 1 (ms)")
-        twin.set_ylim(bottom=0)
-        twin.legend(loc="lower right", fontsize=7)
-    fig.suptitle("Gated CNN on CIFAR-10: accuracy vs sparsity (global top-K weights; channel: top-K channels per conv)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _cell(row: dict | None) -> str:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.hardware import autocast_dtype
-from training.model import GatedNet, tta_logits
+from core.hardware import autocast
+from core.model import GatedNet, tta_logits
 from training.prune import prune
 
 GATE_METHODS = ("frozen", "st_topk", "penalty", "none")
@@ -60,7 +60,7 @@ class TrainConfig:
     gate_rank: str = "effective"  # st_topk masks rank by the score S ("score") or by |W·sigmoid(S)| ("effective")
     gate_start_epoch: int = 1  # st_topk: dense epochs first
     gate_penalty: float = 1.0  # penalty: weight of mean(sigmoid(S)), ramped up linearly from 0
-    # -- where and how it runs (resolved by training.hardware before training) ----------------------
+    # -- where and how it runs (resolved by core.hardware before training) ----------------------
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; master weights stay float32)
 
     def to_dict(self) -> dict:
@@ -81,13 +81,6 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def autocast(device: torch.device | str, precision: str) -> torch.autocast:
-    """Autocast for ``precision`` on ``device`` (a no-op for fp32)."""
-    device_type = torch.device(device).type
-    dtype = autocast_dtype(precision)
-    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 # ---------------------------------------------------------------------------------------------

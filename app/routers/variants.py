@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from app.registry import resident_memory_bytes
 from app.schemas import ErrorResponse, VariantsResponse
 from app.service import Service, get_ready_service
-from training.report import plot_tradeoff
+from core.plot import plot_tradeoff
 
 router = APIRouter(tags=["variants"])
 NOT_READY = {503: {"model": ErrorResponse, "description": "models not loaded"}}

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor
 
-from training.model import GatedNet, NetConfig
+from core.model import GatedNet, NetConfig
 
 FORMAT_VERSION = "1"
 

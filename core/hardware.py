@@ -108,6 +108,13 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def autocast(device: torch.device | str, precision: str) -> torch.autocast:
+    """Autocast for ``precision`` on ``device`` (a no-op for fp32)."""
+    device_type = torch.device(device).type
+    dtype = autocast_dtype(precision)
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def describe(device: torch.device, precision: str, caps: Capabilities | None = None) -> dict:
     """What the manifest records about where a run happened."""
     caps = caps or detect()
