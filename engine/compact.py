@@ -33,6 +33,7 @@ import copy
 import io
 import math
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -52,6 +53,7 @@ PATHS = ("dense", "sparse", "direct")
 # for some variants yet ran 0.84-0.89x dense PyTorch in prune-bench.
 ONNX_MAX_BATCH = 8
 BATCH_BUCKETS = (1, 8, 64)
+_EXPORT_LOCK = threading.Lock()
 # Above this share of nonzero weights a CSR GEMM over unfolded patches never beat oneDNN's dense
 # conv on the machines we measured (the unfold and layout copies cost more than the zeros save).
 SPARSE_MAX_DENSITY = 0.3
@@ -295,7 +297,7 @@ class OnnxSession:
         import onnxruntime as ort
 
         buffer = io.BytesIO()
-        with warnings.catch_warnings():
+        with _EXPORT_LOCK, warnings.catch_warnings():  # the exporter keeps global state: one export at a time
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"], output_names=["logits"],
                               dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
