@@ -53,10 +53,15 @@ def sample_jpeg(index: int) -> bytes:
     return buffer.getvalue()
 
 
-def multipart(images: int) -> bytes:
+def multipart_body(images: list[bytes]) -> bytes:
+    """A multipart/form-data body (boundary ``benchboundary``) with ``images`` in the field ``files``."""
     parts = [b"--benchboundary\r\nContent-Disposition: form-data; name=\"files\"; filename=\"%d.jpg\"\r\n"
-             b"Content-Type: image/jpeg\r\n\r\n" % i + sample_jpeg(i) + b"\r\n" for i in range(images)]
+             b"Content-Type: image/jpeg\r\n\r\n" % i + data + b"\r\n" for i, data in enumerate(images)]
     return b"".join(parts) + b"--benchboundary--\r\n"
+
+
+def multipart(images: int) -> bytes:
+    return multipart_body([sample_jpeg(i) for i in range(images)])
 
 
 def wrk(url: str, body: bytes, clients: int, seconds: float) -> dict:

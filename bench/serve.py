@@ -17,13 +17,11 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -120,35 +118,15 @@ async def throughput(url: str, keep: float, images: list[tuple[bytes, int]], cli
             "p95_ms": 1e3 * latencies[int(0.95 * (len(latencies) - 1))]}
 
 
-WRK_SCRIPT = """
-local f = io.open(os.getenv("BENCH_BODY"), "rb")
-wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
-wrk.headers["Content-Type"] = "multipart/form-data; boundary=benchboundary"
-"""
-
-
 def wrk_throughput(url: str, keep: float, image: bytes, clients: int, seconds: float) -> dict | None:
     """The same load from wrk (a C client, if installed): on a 2-core machine a Python client eats
     much of the CPU the server needs, so this measures the server rather than the client."""
     if shutil.which("wrk") is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        body = (b"--benchboundary\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.jpg\"\r\n"
-                b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--benchboundary--\r\n")
-        (Path(tmp) / "body").write_bytes(body)
-        (Path(tmp) / "post.lua").write_text(WRK_SCRIPT)
-        out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "-s",
-                              str(Path(tmp) / "post.lua"), f"{url}/predict?keep={keep}&top_k=1"],
-                             env={**os.environ, "BENCH_BODY": str(Path(tmp) / "body")},
-                             capture_output=True, text=True, check=True).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    return {"images_per_s": rate, "errors": int(non2xx.group(1)) if non2xx else 0,
-            "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan")}
+    from bench.http import multipart_body, wrk  # here, not at the top: bench.http imports this module
+
+    r = wrk(f"{url}/predict?keep={keep}&top_k=1", multipart_body([image]), clients, seconds)
+    return {"images_per_s": r["requests_per_s"], "errors": r["errors"], "p50_ms": r["p50_ms"]}
 
 
 async def main_async(args: argparse.Namespace) -> int:
