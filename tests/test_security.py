@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import httpx
@@ -89,3 +90,17 @@ def test_a_request_past_the_timeout_gets_504(models_dir: Path) -> None:
 
     r = asyncio.run(scenario())
     assert r.status_code == 504 and "REQUEST_TIMEOUT_S=0.3" in r.json()["detail"]
+
+
+def test_uvicorn_gets_the_admission_and_shutdown_limits(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import cli
+    from tests.live import free_port
+
+    seen: dict = {}
+    monkeypatch.setattr(cli.uvicorn, "run", lambda *args, **kwargs: seen.update(kwargs))
+    for key in ("MODELS_DIR", "HOST", "PORT", "WORKERS"):  # main() passes flags on through these: restore after
+        monkeypatch.setenv(key, os.environ[key]) if key in os.environ else monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LIMIT_CONCURRENCY", "7")
+    monkeypatch.setenv("SHUTDOWN_GRACE_S", "3")
+    assert cli.main(["--port", str(free_port()), "--models-dir", str(models_dir)]) == 0
+    assert seen["limit_concurrency"] == 7 and seen["timeout_graceful_shutdown"] == 3 and seen["workers"] == 1
