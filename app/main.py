@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.routers import health, metrics, predict, variants
+from app.routers import health, metrics, predict, v2, variants
 from app.security import require_api_key, warn_if_open
 from app.service import Service
 from app.settings import Settings, get_settings
@@ -47,7 +47,8 @@ class BodyLimitMiddleware:
                 return
             if too_big:
                 exc = BodyTooLarge(self.limit)
-                await JSONResponse({"detail": exc.detail}, status_code=413)(scope, receive, send)
+                key = "error" if scope.get("path", "").startswith("/v2") else "detail"  # each protocol's shape
+                await JSONResponse({key: exc.detail}, status_code=413)(scope, receive, send)
                 return
         received = 0
 
@@ -117,8 +118,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router, dependencies=keyed)
     app.include_router(variants.router, dependencies=keyed)
     app.include_router(metrics.router, dependencies=keyed)
+    app.include_router(v2.health_router)  # /v2/health/*: open, like /health and /ready
+    app.include_router(v2.router, dependencies=keyed)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(RequestTimeoutMiddleware, seconds=settings.request_timeout_s)
+
+    @app.exception_handler(v2.V2Error)
+    async def v2_error(_: Request, exc: v2.V2Error) -> JSONResponse:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -157,27 +157,9 @@ async def predict(
             variant = resolve_variant(service, keep, max_drop, granularity, max_latency_ms, images=count)
             variant_label = variant.name
         admit(service, variant, count)  # and before any image is decoded
-        try:
-            # Headers are read and checked here (limits before any decoding). Thumbnails decode in
-            # microseconds, less than a thread hop costs; larger images decode off the event loop.
-            opened = [(open_image(data, name, service.settings.max_pixels), name) for name, data in uploads]
-            pixels = sum(image.size[0] * image.size[1] for image, _ in opened)
-
-            def decode_all() -> list:
-                return [decode_pixels(image, name) for image, name in opened]
-
-            tensors = decode_all() if pixels <= INLINE_DECODE_PIXELS else await run_in_threadpool(decode_all)
-        except ImageError as exc:
-            raise HTTPException(exc.status, detail=exc.message) from exc
+        pixels = await decode_images(service, uploads)
         started = time.perf_counter()
-        try:
-            probs = await service.predict(variant, torch.stack(tensors))
-        except QueueFull as exc:
-            raise HTTPException(503, detail=f"server busy: {exc}; retry shortly",
-                                headers={"Retry-After": "1"}) from exc
-        except ShuttingDown as exc:
-            raise HTTPException(503, detail=f"{exc}; retry on another replica",
-                                headers={"Retry-After": "1"}) from exc
+        probs = await infer(service, variant, pixels)
         inference_ms = (time.perf_counter() - started) * 1e3
         response = _response(service, variant, uploads, probs, top_k, inference_ms)
         status = 200
@@ -187,6 +169,34 @@ async def predict(
         raise
     finally:
         service.metrics.observe_request(variant_label, status, time.perf_counter() - began, count)
+
+
+async def decode_images(service: Service, uploads: list[tuple[str, bytes]]) -> torch.Tensor:
+    """Encoded images → uint8 [N, 3, 32, 32], with every limit checked from the headers first.
+    HTTPException (413/415/422) naming the file on any bad upload."""
+    try:
+        # Headers are read and checked here (limits before any decoding). Thumbnails decode in
+        # microseconds, less than a thread hop costs; larger images decode off the event loop.
+        opened = [(open_image(data, name, service.settings.max_pixels), name) for name, data in uploads]
+        pixels = sum(image.size[0] * image.size[1] for image, _ in opened)
+
+        def decode_all() -> list:
+            return [decode_pixels(image, name) for image, name in opened]
+
+        tensors = decode_all() if pixels <= INLINE_DECODE_PIXELS else await run_in_threadpool(decode_all)
+    except ImageError as exc:
+        raise HTTPException(exc.status, detail=exc.message) from exc
+    return torch.stack(tensors)
+
+
+async def infer(service: Service, variant: Variant, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, 32, 32] → probabilities [N, C] through the variant's micro-batcher (503 when busy)."""
+    try:
+        return await service.predict(variant, pixels)
+    except QueueFull as exc:
+        raise HTTPException(503, detail=f"server busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from exc
+    except ShuttingDown as exc:
+        raise HTTPException(503, detail=f"{exc}; retry on another replica", headers={"Retry-After": "1"}) from exc
 
 
 def _response(service: Service, variant: Variant, uploads: list[tuple[str, bytes]], probs, top_k: int,
