@@ -44,6 +44,7 @@ class Service:
         self.plan_source: str | None = None
         self.plan_key: dict = {}
         self._loading: asyncio.Task | None = None
+        self.plot_cache: tuple[str, bytes] | None = None  # (the figures it shows, the PNG)
 
     async def start(self) -> None:
         torch.set_num_threads(self.settings.threads())

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def plot_tradeoff(table: list[dict], path: Path | BinaryIO, latency_ms: dict[float, float] | None = None) -> None:
+def plot_tradeoff(table: list[dict], path: Path | BinaryIO, latency_ms: list[dict] | None = None) -> None:
     """Accuracy vs sparsity, one line per criterion (solid: pruned only, dashed: + fine-tune).
 
     Left: the whole range (baselines collapse); right: zoom on the top few points, where the useful
-    variants differ. ``latency_ms`` (keep → ms), when given, adds measured latency on the right panel.
+    variants differ. ``latency_ms`` (rows of granularity, sparsity, ms), when given, adds every variant's
+    measured latency on the right panel, one line per granularity.
     """
     # The object API, not pyplot: no global figure state, so the service may render in any thread.
     from matplotlib import rcParams
@@ -47,10 +48,13 @@ def plot_tradeoff(table: list[dict], path: Path | BinaryIO, latency_ms: dict[flo
     zoom.set_title("zoom: within 6 points of dense")
     if latency_ms:
         twin = zoom.twinx()
-        keeps = sorted(latency_ms, reverse=True)
-        twin.plot([(1 - k) * 100 for k in keeps], [latency_ms[k] for k in keeps], color="grey", marker="s",
-                  markersize=3, linewidth=1, label="latency, batch 1 (ms, measured here)")
-        twin.set_ylabel("latency at batch 1 (ms)")
+        for granularity, marker in (("weight", "s"), ("channel", "^")):
+            rows = sorted((r for r in latency_ms if r["granularity"] == granularity), key=lambda r: r["sparsity"])
+            if rows:
+                twin.plot([r["sparsity"] * 100 for r in rows], [r["ms"] for r in rows], color="grey", marker=marker,
+                          markersize=4, linewidth=1, linestyle="-" if granularity == "weight" else "--",
+                          label=f"latency, {granularity} variants, 1 image (ms, measured here)")
+        twin.set_ylabel("latency of one image, test-time augmentation included (ms)")
         twin.set_ylim(bottom=0)
         twin.legend(loc="lower right", fontsize=7)
     fig.suptitle("Gated CNN on CIFAR-10: accuracy vs sparsity (global top-K weights; channel: top-K channels per conv)")

@@ -505,3 +505,19 @@ def test_exif_rotated_upload_is_classified_upright(client: TestClient) -> None:
         return [t["probability"] for t in r.json()["predictions"][0]["top_k"]]
 
     assert np.allclose(probabilities(buffer.getvalue()), probabilities(plain.getvalue()), atol=1e-6)
+
+
+def test_plot_is_rendered_once_per_set_of_figures(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.routers import variants as variants_router
+
+    drawn: list[list[dict]] = []
+    original = variants_router.plot_tradeoff
+    monkeypatch.setattr(variants_router, "plot_tradeoff",
+                        lambda table, path, latency_ms=None: (drawn.append(latency_ms), original(table, path,
+                                                                                                 latency_ms))[1])
+    first = client.get("/variants/plot").content
+    assert client.get("/variants/plot").content == first and len(drawn) == 1
+    assert {row["granularity"] for row in drawn[0]} == {"weight", "channel"}  # every variant's latency
+    client.app.state.service.registry.variants[0].latency[1]["p50_ms"] += 1.0  # new figures → drawn again
+    client.get("/variants/plot")
+    assert len(drawn) == 2

@@ -32,20 +32,26 @@ async def variants(service: Service = Depends(get_ready_service)) -> dict:
 
 
 @router.get("/variants/plot", responses={200: {"content": {"image/png": {}}}, **NOT_READY},
-            response_class=Response, summary="Accuracy vs sparsity with measured latency (PNG)")
+            response_class=Response, summary="Accuracy vs sparsity with every variant's measured latency (PNG)")
 async def variants_plot(service: Service = Depends(get_ready_service)) -> Response:
+    """Rendered once per set of figures (they change only while plans are applied or measured),
+    then served from memory."""
     registry = service.registry
-    table = registry.manifest.get("sweep") or [
-        {"criterion": "dense" if v.keep == 1.0 else v.criterion, "finetuned": v.finetuned, "keep": v.keep,
-         "sparsity": v.sparsity, "test_acc_mean": v.test_acc_mean, "test_acc_std": v.test_acc_std}
-        for v in registry.variants
-    ]
-    latency = {v.keep: v.latency[1]["p50_ms"] for v in registry.variants
-               if 1 in v.latency and v.granularity == "weight"}
+    latency = [{"granularity": v.granularity, "sparsity": v.sparsity, "ms": v.latency[1]["p50_ms"]}
+               for v in registry.variants if 1 in v.latency]
+    key = repr(latency)
+    cached = service.plot_cache
+    if cached is None or cached[0] != key:
+        table = registry.manifest.get("sweep") or [
+            {"criterion": "dense" if v.keep == 1.0 else v.criterion, "finetuned": v.finetuned, "keep": v.keep,
+             "sparsity": v.sparsity, "test_acc_mean": v.test_acc_mean, "test_acc_std": v.test_acc_std}
+            for v in registry.variants
+        ]
 
-    def render() -> bytes:
-        buffer = io.BytesIO()
-        plot_tradeoff(table, buffer, latency_ms=latency)
-        return buffer.getvalue()
+        def render() -> bytes:
+            buffer = io.BytesIO()
+            plot_tradeoff(table, buffer, latency_ms=latency)
+            return buffer.getvalue()
 
-    return Response(await run_in_threadpool(render), media_type="image/png")
+        cached = service.plot_cache = (key, await run_in_threadpool(render))
+    return Response(cached[1], media_type="image/png", headers={"Cache-Control": "no-cache"})
