@@ -285,6 +285,27 @@ class _DenseGraph(nn.Module):
         return self.net.torch_forward(x)
 
 
+ONNX_OPSET = 17  # pinned: the files prune-export writes must load the same way everywhere
+
+
+def onnx_bytes(module: nn.Module, example: Tensor) -> bytes:
+    """``module`` as an ONNX model (float32, input "x" [batch, 3, H, W] with a dynamic batch, output "logits")."""
+    buffer = io.BytesIO()
+    with _EXPORT_LOCK, warnings.catch_warnings():  # the exporter keeps global state: one export at a time
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET)
+    return buffer.getvalue()
+
+
+def dense_graph(net: CompactNet) -> nn.Module:
+    """The compact network with every layer dense, as a float32 copy without the sparse structures
+    (a CSR tensor cannot be deep-copied; the graph is the dense one anyway)."""
+    memo = {id(part): None for conv in net.convs for part in (conv.sparse_weight, conv.direct)}
+    memo[id(net.onnx_session)] = None
+    return _DenseGraph(copy.deepcopy(net, memo).float().eval())
+
+
 class OnnxSession:
     """A float32 module exported in memory to ONNX and run by ONNX Runtime's CPU provider. Its outputs
     are checked against the module's on ``example`` (1e-4) before it is used.
@@ -296,12 +317,7 @@ class OnnxSession:
     def __init__(self, module: nn.Module, example: Tensor, threads: int, shared: bool = True) -> None:
         import onnxruntime as ort
 
-        buffer = io.BytesIO()
-        with _EXPORT_LOCK, warnings.catch_warnings():  # the exporter keeps global state: one export at a time
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"], output_names=["logits"],
-                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
-        model = buffer.getvalue()
+        model = onnx_bytes(module, example)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
@@ -324,12 +340,8 @@ class OnnxSession:
 
     @classmethod
     def of_compact(cls, net: CompactNet, threads: int) -> OnnxSession:
-        """The compact network with every layer dense, as a float32 copy without the sparse
-        structures (a CSR tensor cannot be deep-copied; the graph is the dense one anyway)."""
-        memo = {id(part): None for conv in net.convs for part in (conv.sparse_weight, conv.direct)}
-        memo[id(net.onnx_session)] = None
-        graph = _DenseGraph(copy.deepcopy(net, memo).float().eval())
-        return cls(graph, torch.randn(2, 3, *net.input_hw), threads)
+        """The compact network, every layer dense, in ONNX Runtime."""
+        return cls(dense_graph(net), torch.randn(2, 3, *net.input_hw), threads)
 
     def __call__(self, x: Tensor) -> Tensor:
         array = x.float().contiguous().numpy()

@@ -521,3 +521,15 @@ def test_plot_is_rendered_once_per_set_of_figures(client: TestClient, monkeypatc
     client.app.state.service.registry.variants[0].latency[1]["p50_ms"] += 1.0  # new figures → drawn again
     client.get("/variants/plot")
     assert len(drawn) == 2
+
+
+def test_onnx_download_of_a_variant(client: TestClient) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    r = client.get("/variants/channel-keep0.50/onnx")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    assert 'filename="channel-keep0.50.onnx"' in r.headers["content-disposition"]
+    session = ort.InferenceSession(r.content, providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((2, 3, 32, 32), np.float32)})[0].shape == (2, len(CLASSES))
+    assert client.get("/variants/channel-keep0.50/onnx").content == r.content  # kept, not exported again
+    missing = client.get("/variants/nope/onnx")
+    assert missing.status_code == 404 and "nope" in missing.json()["detail"]

@@ -245,3 +245,31 @@ def test_bfloat16_networks_run_dense_in_torch_only() -> None:
 
 def test_bucket_is_nearest_on_a_log_scale() -> None:
     assert [CompactNet.bucket(n) for n in (1, 2, 3, 4, 8, 20, 23, 64, 500)] == [1, 1, 8, 8, 8, 8, 64, 64, 64]
+
+
+def test_edge_export_is_verified_and_runs_in_onnx_runtime(tmp_path) -> None:
+    """prune-export writes one verified ONNX file per variant; it runs alone and matches PyTorch."""
+    import json
+
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from engine.export import main as prune_export
+    from tests.conftest import build_models_dir
+
+    models = build_models_dir(tmp_path / "models")
+    assert prune_export(["--models-dir", str(models), "--out", str(tmp_path / "onnx")]) == 0
+    manifest = json.loads((models / "manifest.json").read_text())
+    for entry in manifest["variants"]:
+        path = tmp_path / "onnx" / f"{entry['name']}.onnx"
+        model = onnx.load(path)
+        assert model.opset_import[0].version == 17
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(meta["classes"]) == manifest["classes"] and "mean" in meta["normalization"]
+        x = torch.randn(3, 3, 32, 32)
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+        masked = checkpoint.load_model(models / entry["file"], entry["sha256"], root=models)
+        with torch.inference_mode():
+            assert torch.allclose(torch.from_numpy(got), masked(x), atol=TOL)
+    channel = tmp_path / "onnx" / "channel-keep0.50.onnx"
+    assert channel.stat().st_size < (tmp_path / "onnx" / "dense.onnx").stat().st_size  # narrower: smaller file

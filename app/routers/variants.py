@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 
 import torch
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
@@ -13,6 +14,7 @@ from app.registry import resident_memory_bytes
 from app.schemas import ErrorResponse, VariantsResponse
 from app.service import Service, get_ready_service
 from core.plot import plot_tradeoff
+from engine.export import ExportError, export_compact
 
 router = APIRouter(tags=["variants"])
 NOT_READY = {503: {"model": ErrorResponse, "description": "models not loaded"}}
@@ -55,3 +57,27 @@ async def variants_plot(service: Service = Depends(get_ready_service)) -> Respon
 
         cached = service.plot_cache = (key, await run_in_threadpool(render))
     return Response(cached[1], media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/variants/{name}/onnx", responses={200: {"content": {"application/octet-stream": {}}},
+                                               404: {"model": ErrorResponse, "description": "no such variant"},
+                                               **NOT_READY},
+            response_class=Response, summary="The variant's compact network as an ONNX file (edge export)")
+async def variant_onnx(name: str, service: Service = Depends(get_ready_service)) -> Response:
+    """float32, dynamic batch, opset pinned, no test-time augmentation; verified against PyTorch with
+    ONNX Runtime (1e-4) when first asked for, then kept (see engine/export.py for the input format)."""
+    variant = next((v for v in service.registry.variants if v.name == name), None)
+    if variant is None:
+        raise HTTPException(404, detail=f"no variant named {name!r}; see GET /variants")
+    data = service.onnx_files.get(name)
+    if data is None:
+        metadata = {"variant": name, "classes": json.dumps(service.registry.classes),
+                    "normalization": json.dumps({"mean": service.registry.mean, "std": service.registry.std}),
+                    "input": "float32 [N,3,32,32]: RGB/255, minus mean, divided by std"}
+        try:
+            data = await run_in_threadpool(export_compact, variant.net, metadata)
+        except (ExportError, ImportError) as exc:
+            raise HTTPException(503, detail=f"ONNX export unavailable here: {exc}") from exc
+        service.onnx_files[name] = data
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{name}.onnx"'})
