@@ -45,7 +45,7 @@ class Service:
         self.plan_key: dict = {}
         self._loading: asyncio.Task | None = None
         self.plot_cache: tuple[str, bytes] | None = None  # (the figures it shows, the PNG)
-        self.onnx_files: dict[str, bytes] = {}  # variant → its verified ONNX export, made when first asked for
+        self.onnx_files: dict[str, tuple[bytes, bytes]] = {}  # variant → its ONNX export (plain, gzip), made once
 
     async def start(self) -> None:
         torch.set_num_threads(self.settings.threads())

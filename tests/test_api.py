@@ -533,3 +533,12 @@ def test_onnx_download_of_a_variant(client: TestClient) -> None:
     assert client.get("/variants/channel-keep0.50/onnx").content == r.content  # kept, not exported again
     missing = client.get("/variants/nope/onnx")
     assert missing.status_code == 404 and "nope" in missing.json()["detail"]
+
+
+def test_docs_are_served_without_a_cdn(client: TestClient) -> None:
+    for path in ("/docs", "/redoc"):
+        page = client.get(path)
+        assert page.status_code == 200 and "cdn" not in page.text.lower() and "https://" not in page.text
+        for asset in __import__("re").findall(r'(?:src|href)="(/static/docs/[^"]+)"', page.text):
+            assert client.get(asset).status_code == 200, asset
+    assert "fonts.googleapis" not in client.get("/redoc").text

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 
 import torch
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
@@ -63,9 +64,11 @@ async def variants_plot(service: Service = Depends(get_ready_service)) -> Respon
                                                404: {"model": ErrorResponse, "description": "no such variant"},
                                                **NOT_READY},
             response_class=Response, summary="The variant's compact network as an ONNX file (edge export)")
-async def variant_onnx(name: str, service: Service = Depends(get_ready_service)) -> Response:
+async def variant_onnx(name: str, request: Request, service: Service = Depends(get_ready_service)) -> Response:
     """float32, dynamic batch, opset pinned, no test-time augmentation; verified against PyTorch with
-    ONNX Runtime (1e-4) when first asked for, then kept (see engine/export.py for the input format)."""
+    ONNX Runtime (1e-4) when first asked for, then kept (see engine/export.py for the input format).
+    Sent gzip-compressed to clients that accept it: a weight-pruned network is dense-shaped in ONNX,
+    and its zeros compress (keep 0.1: 7.9 MB → 1.0 MB)."""
     variant = next((v for v in service.registry.variants if v.name == name), None)
     if variant is None:
         raise HTTPException(404, detail=f"no variant named {name!r}; see GET /variants")
@@ -78,6 +81,8 @@ async def variant_onnx(name: str, service: Service = Depends(get_ready_service))
             data = await run_in_threadpool(export_compact, variant.net, metadata)
         except (ExportError, ImportError) as exc:
             raise HTTPException(503, detail=f"ONNX export unavailable here: {exc}") from exc
-        service.onnx_files[name] = data
-    return Response(data, media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{name}.onnx"'})
+        service.onnx_files[name] = data = (data, await run_in_threadpool(gzip.compress, data, 6))
+    headers = {"Content-Disposition": f'attachment; filename="{name}.onnx"', "Vary": "Accept-Encoding"}
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        return Response(data[1], media_type="application/octet-stream", headers=headers | {"Content-Encoding": "gzip"})
+    return Response(data[0], media_type="application/octet-stream", headers=headers)
