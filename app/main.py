@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.routers import health, metrics, predict, v2, variants
@@ -103,6 +103,14 @@ def add_offline_docs(app: FastAPI) -> None:
     from fastapi.staticfiles import StaticFiles
 
     assets = Path(fastapi_offline.__file__).parent / "static"
+    # ReDoc's bundle fetches its vendor's logo from a CDN, unconditionally: serve it with that one URL
+    # pointed at nothing (the image then hides itself), so the page asks no other host for anything.
+    redoc_js = (assets / "redoc.standalone.js").read_text().replace("https://cdn.redoc.ly/redoc/logo-mini.svg", "")
+
+    @app.get(f"{DOCS_ASSETS}/redoc.standalone.js", include_in_schema=False)
+    async def redoc_bundle() -> Response:
+        return Response(redoc_js, media_type="application/javascript")
+
     app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
@@ -117,6 +125,22 @@ def add_offline_docs(app: FastAPI) -> None:
         return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - ReDoc",
                               redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
                               redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
+
+
+PAGE = Path(__file__).parent / "static"
+
+
+def add_page(app: FastAPI) -> None:
+    """GET / : a small page for people (plain HTML/JS/CSS in app/static, no build step, nothing
+    loaded from another host) that calls the same API as every other client."""
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static/app", StaticFiles(directory=PAGE), name="page-assets")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE / "index.html", media_type="text/html")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -142,6 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     add_offline_docs(app)
+    add_page(app)
     app.state.settings = settings
     keyed = [Depends(require_api_key)]  # a no-op unless API_KEYS is set
     app.include_router(health.router)  # always open: orchestrators probe without credentials
