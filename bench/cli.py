@@ -4,6 +4,7 @@
     prune-bench speed   in process: variants vs the service's dense variant and dense ONNX Runtime (default)
     prune-bench http    over HTTP with wrk: variants vs dense, workers, micro-batching on/off
     prune-bench startup time to /ready, exit on SIGTERM/SIGINT, taken port, keep=auto across starts
+    prune-bench failover two replicas behind HAProxy: stop one under load, count failures, watch it rejoin
     prune-bench load    load/soak over HTTP: errors, latency percentiles, images/s, server RSS
     prune-bench serve   served accuracy over HTTP and the micro-batching ratio
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("speed", "load", "serve", "plan", "http", "startup")
+COMMANDS = ("speed", "load", "serve", "plan", "http", "startup", "failover")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench.http import main as run
     elif command == "startup":
         from bench.startup import main as run
+    elif command == "failover":
+        from bench.failover import main as run
     else:
         from bench.speed import main as run
     return run(argv)

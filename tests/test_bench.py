@@ -67,3 +67,14 @@ def test_http_bench_compares_variants_and_configurations(models_dir: Path, capsy
     assert len(rows) == 4  # 2 variants (dense added) × 2 server configurations
     assert all(row.split("|")[3].strip() in ("dense", "gate-keep0.10") for row in rows)
     assert "| 1 | 1 | dense | 1 | 2 |" in text and "1.00 | 1.00 |" in text
+
+
+def test_failover_behind_haproxy_loses_no_request(models_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (.ci/run installs it)")
+    assert prune_bench(["failover", "--models-dir", str(models_dir), "--clients", "4", "--seconds", "10",
+                        "--stop-after", "2", "--restart-after", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "failed: 0 (goal 0)" in text and "A rejoined: True" in text
