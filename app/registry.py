@@ -214,6 +214,12 @@ class Registry:
             test_acc_no_tta_mean=entry.test_acc_no_tta_mean,
         )
 
+    def float32_net(self, variant: Variant) -> CompactNet:
+        """The variant's compact network in float32, rebuilt from its verified checkpoint (the served
+        one may be bfloat16): what an edge export must contain."""
+        model = load_model(self.models_dir / variant.file, variant.sha256, root=self.models_dir, base_cache={})
+        return compact(model)
+
     def optimise(self, variant: Variant, entry: dict | None = None, source: str = "") -> bool:
         """Give ``variant`` its execution paths and latency figures: from a plan ``entry`` when it
         applies here, else by calibrating and measuring now. Runs under the forward lock, so requests
