@@ -39,6 +39,7 @@ defaults
     timeout server 30s
     retries 3
     option redispatch 1
+    option http-buffer-request
     retry-on all-retryable-errors
 frontend web
     bind 127.0.0.1:{front}

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 
 from app.registry import Variant
 from app.routers.predict import admit, decode_images, infer, resolve_variant
@@ -40,6 +41,27 @@ EXTENSIONS = ["binary_tensor_data", "classification"]
 
 class V2Error(HTTPException):
     """An error the protocol's way: {"error": message}."""
+
+
+class V2ErrorBody(BaseModel):
+    error: str = Field(description="what is wrong")
+
+
+def _errors(*statuses: int) -> dict:
+    text = {400: "malformed request, inputs or parameters", 404: "unknown model or version",
+            413: "too many images or too large a body", 415: "an IMAGE_BYTES element is not an image",
+            422: "an unusable image", 503: "not ready, or busy (see Retry-After)"}
+    return {status: {"model": V2ErrorBody, "description": text[status]} for status in statuses}
+
+
+INFER_BODY = {"requestBody": {"required": True, "description": (
+    "an inference request (JSON), or with the binary tensor extension that JSON followed by raw tensor "
+    "bytes, its length in the Inference-Header-Content-Length header"), "content": {
+    "application/json": {"schema": {"type": "object", "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": {"type": "object"}},
+        "outputs": {"type": "array", "items": {"type": "object"}}}, "required": ["inputs"]}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
 def _fail(status: int, message: str) -> V2Error:
@@ -77,7 +99,7 @@ async def live() -> dict:
     return {"live": True}
 
 
-@health_router.get("/health/ready", summary="Server ready")
+@health_router.get("/health/ready", summary="Server ready", responses={503: {"description": "not ready"}})
 async def ready(service: Service = Depends(get_service)) -> JSONResponse:
     ready_now = service.registry.ready
     return JSONResponse({"ready": ready_now}, status_code=200 if ready_now else 503)
@@ -99,15 +121,27 @@ def _metadata(service: Service, name: str, variant: Variant | None) -> dict:
             "parameters": parameters}
 
 
-@router.get("/models/{model}", summary="Model metadata")
-@router.get("/models/{model}/versions/{version}", summary="Model metadata (version)")
-async def model_metadata(model: str, version: str | None = None, service: Service = Depends(_ready_service)) -> dict:
+@router.get("/models/{model}", summary="Model metadata", responses=_errors(404, 503))
+async def model_metadata(model: str, service: Service = Depends(_ready_service)) -> dict:
+    return _metadata(service, model, _model(service, model, None))
+
+
+@router.get("/models/{model}/versions/{version}", summary="Model metadata (version)", responses=_errors(404, 503))
+async def model_version_metadata(model: str, version: str, service: Service = Depends(_ready_service)) -> dict:
     return _metadata(service, model, _model(service, model, version))
 
 
-@router.get("/models/{model}/ready", summary="Model ready")
-@router.get("/models/{model}/versions/{version}/ready", summary="Model ready (version)")
-async def model_ready(model: str, version: str | None = None, service: Service = Depends(get_service)) -> JSONResponse:
+@router.get("/models/{model}/ready", summary="Model ready", responses=_errors(404, 503))
+async def model_ready(model: str, service: Service = Depends(get_service)) -> JSONResponse:
+    return _model_ready(service, model, None)
+
+
+@router.get("/models/{model}/versions/{version}/ready", summary="Model ready (version)", responses=_errors(404, 503))
+async def model_version_ready(model: str, version: str, service: Service = Depends(get_service)) -> JSONResponse:
+    return _model_ready(service, model, version)
+
+
+def _model_ready(service: Service, model: str, version: str | None) -> JSONResponse:
     if not service.registry.ready:
         return JSONResponse({"name": model, "ready": False}, status_code=503)
     _model(service, model, version)
@@ -292,10 +326,23 @@ def _encode(probs: torch.Tensor, output: dict, labels: list[str]) -> tuple[dict,
     return description | {"data": probs.reshape(-1).tolist()}, None
 
 
-@router.post("/models/{model}/infer", summary="Inference (JSON, or JSON + binary tensors)")
-@router.post("/models/{model}/versions/{version}/infer", summary="Inference (version)")
-async def model_infer(model: str, request: Request, version: str | None = None,
-                      service: Service = Depends(_ready_service)) -> Response:
+INFER_ERRORS = _errors(400, 404, 413, 415, 422, 503)
+
+
+@router.post("/models/{model}/infer", summary="Inference (JSON, or JSON + binary tensors)", responses=INFER_ERRORS,
+             openapi_extra=INFER_BODY)
+async def model_infer(model: str, request: Request, service: Service = Depends(_ready_service)) -> Response:
+    return await _infer(model, None, request, service)
+
+
+@router.post("/models/{model}/versions/{version}/infer", summary="Inference (version)", responses=INFER_ERRORS,
+             openapi_extra=INFER_BODY)
+async def model_version_infer(model: str, version: str, request: Request,
+                              service: Service = Depends(_ready_service)) -> Response:
+    return await _infer(model, version, request, service)
+
+
+async def _infer(model: str, version: str | None, request: Request, service: Service) -> Response:
     began = time.perf_counter()
     label, status, count = "none", 500, 0  # the label is a variant name only: never a client's string
     try:
