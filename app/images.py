@@ -41,7 +41,7 @@ def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(413, f"file {name!r} is too large to decode safely") from exc
         except Exception as exc:  # noqa: BLE001 - corrupt headers raise many different types
-            raise ImageError(422, f"file {name!r} has a corrupt image header ({type(exc).__name__})") from exc
+            raise ImageError(415, f"file {name!r} has a corrupt image header ({type(exc).__name__})") from exc
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(413, f"file {name!r} is {width}×{height} = {width * height:,} pixels; "
@@ -58,6 +58,7 @@ def decode_pixels(image: Image.Image, name: str) -> Tensor:
         image.load()
         return preprocess(image)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(422, f"file {name!r} is truncated or corrupt ({exc})") from exc
+        # 415 like any other bytes no image decoder reads: the request's form was fine, its content is not
+        raise ImageError(415, f"file {name!r} is truncated or corrupt ({exc})") from exc
     finally:
         image.close()

@@ -143,6 +143,40 @@ def add_page(app: FastAPI) -> None:
         return FileResponse(PAGE / "index.html", media_type="text/html")
 
 
+def describe_loaded_variants(app: FastAPI, settings: Settings) -> None:
+    """The OpenAPI schema lists what this server actually accepts: /predict's `keep` as an enum of the
+    loaded keeps (both granularities) and `auto`, at most MAX_IMAGES files, non-empty bodies. The keeps
+    are known once the models are loaded, so the schema is cached only from then on."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        operation = schema["paths"]["/predict"]["post"]
+        content = operation["requestBody"]["content"]
+        content["multipart/form-data"]["schema"] = {
+            "type": "object", "required": ["files"], "properties": {"files": {
+                "type": "array", "minItems": 1, "maxItems": settings.max_images,
+                "items": {"type": "string", "format": "binary", "minLength": 1}}}}
+        content["image/*"]["schema"] = {"type": "string", "format": "binary", "minLength": 1}
+        service = getattr(app.state, "service", None)
+        if service is None or not service.registry.ready:
+            return schema  # not cached: asked again once the keeps are known
+        registry = service.registry
+        keeps = sorted({f"{v.keep:g}" for v in registry.variants}, key=float, reverse=True)
+        by_granularity = {g: ", ".join(f"{k:g}" for k in registry.keeps(g)) for g in ("weight", "channel")}
+        for parameter in operation["parameters"]:
+            if parameter["name"] == "keep":
+                parameter["schema"] = {"type": "string", "enum": [*keeps, "auto"]}
+                parameter["description"] = (f"a loaded keep ratio — weight: {by_granularity['weight']}; channel: "
+                                            f"{by_granularity['channel']} — or 'auto'")
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -167,6 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_offline_docs(app)
     add_page(app)
+    describe_loaded_variants(app, settings)
     app.state.settings = settings
     keyed = [Depends(require_api_key)]  # a no-op unless API_KEYS is set
     app.include_router(health.router)  # always open: orchestrators probe without credentials

@@ -317,6 +317,14 @@ class Registry:
             o.test_acc_mean >= v.test_acc_mean and speed[o.name] >= speed[v.name]
             and (o.test_acc_mean > v.test_acc_mean or speed[o.name] > speed[v.name]) for o in self.variants)]
 
+    def latency_estimate_ms(self, variant: Variant, images: int, queued_images: int = 0,
+                            max_batch: int = LATENCY_BATCHES[-1]) -> float | None:
+        """Estimated p95 wait for ``images`` more images with ``queued_images`` ahead of them: the measured
+        p95 of a pass holding them (up to MAX_BATCH) times the passes needed. None until measured."""
+        total = queued_images + images
+        p95 = variant.p95_ms(min(total, max_batch))
+        return None if p95 is None else p95 * math.ceil(total / max_batch)
+
     def auto(self, max_drop: float | None = None, max_latency_ms: float | None = None, images: int = 1,
              queued_images: int = 0, max_batch: int = LATENCY_BATCHES[-1]) -> Variant:
         """The variant keep=auto answers with, across both granularities, only ever a Pareto-optimal one.
@@ -324,9 +332,9 @@ class Registry:
         max_drop only: the fastest whose accuracy drop is ≤ max_drop points; speeds within NEAR_TIE
         of it are a tie, won by accuracy, then by the smaller keep.
         max_latency_ms (with or without max_drop): the most accurate variant whose estimated latency
-        for this request fits: the measured p95 of a forward pass of the images in the queue plus
-        this request's, times the passes needed to get through them (MAX_BATCH images each).
-        Raises AutoError (422: nothing could ever fit; 503: nothing fits at the current queue depth)."""
+        for this request fits (``latency_estimate_ms`` at the current queue depth). When none fits, or
+        before latencies are measured, the fastest one: a best effort the caller reports as such.
+        Raises AutoError (422) only when no variant is within max_drop, or neither budget is given."""
         if max_drop is None and max_latency_ms is None:
             raise AutoError("keep=auto needs max_drop (accuracy points you accept to lose) and/or max_latency_ms")
         basis = self.speed_basis()
@@ -336,26 +344,15 @@ class Registry:
             if not candidates:
                 raise AutoError(f"no variant loses at most {max_drop:g} points; smallest drop is "
                                 f"{min(v.drop for v in self.variants):.2f}")
-        if max_latency_ms is None:
-            best = max(self.speed(v, basis) for v in candidates)
-            tied = [v for v in candidates if self.speed(v, basis) >= best * (1 - NEAR_TIE)]
-            return max(tied, key=lambda v: (v.test_acc_mean, -v.keep))
-        if basis != "measured":
-            raise AutoError("max_latency_ms needs measured latencies, which are still being taken; retry shortly",
-                            503)
-
-        def estimate(variant: Variant, queued: int) -> float:
-            total = queued + images
-            return variant.p95_ms(min(total, max_batch)) * math.ceil(total / max_batch)
-
-        fitting = [v for v in candidates if estimate(v, queued_images) <= max_latency_ms]
+        best = max(self.speed(v, basis) for v in candidates)
+        tied = [v for v in candidates if self.speed(v, basis) >= best * (1 - NEAR_TIE)]
+        fastest = max(tied, key=lambda v: (v.test_acc_mean, -v.keep))
+        if max_latency_ms is None or basis != "measured":
+            return fastest
+        estimates = {v.name: self.latency_estimate_ms(v, images, queued_images, max_batch) for v in candidates}
+        fitting = [v for v in candidates if estimates[v.name] <= max_latency_ms]
         if not fitting:
-            idle = min(estimate(v, 0) for v in candidates)
-            if idle <= max_latency_ms:
-                raise AutoError(f"no variant fits max_latency_ms={max_latency_ms:g} with {queued_images} images "
-                                "queued; retry shortly", 503)
-            raise AutoError(f"no variant fits max_latency_ms={max_latency_ms:g} for {images} image(s) even when "
-                            f"idle; the fastest needs ~{idle:.1f} ms")
+            return min(candidates, key=lambda v: (estimates[v.name], -v.test_acc_mean, v.keep))
         return max(fitting, key=lambda v: (v.test_acc_mean, v.throughput(), -v.keep))
 
 

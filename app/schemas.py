@@ -39,6 +39,11 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
     inference_ms: float = Field(description="server-side time from decoded images to probabilities "
                                             "(queueing and the shared forward pass included)")
+    latency_budget_met: bool | None = Field(None, description="keep=auto with max_latency_ms: whether the chosen "
+                                                              "variant's estimate fit the budget (false: none did, "
+                                                              "this is the fastest; null: not measured yet)")
+    estimated_ms: float | None = Field(None, description="keep=auto with max_latency_ms: the estimate it was "
+                                                         "chosen by (measured p95 at the queue depth it met)")
 
 
 class Latency(BaseModel):

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads per worker for PyTorch, ONNX Runtime and the "
                                                     "sparse kernels (0: the usable cores / WORKERS)")
     default_keep: float | None = Field(None, description="keep ratio used when a request names none (None: dense)")
+    auto_max_drop: float = Field(1.0, ge=0, le=100, description="keep=auto without max_drop or max_latency_ms: the "
+                                                                "accuracy points it may lose")
     precision: str = Field("auto", description="inference precision: fp32, bf16, or auto (bf16 where the CPU "
                                                "has native bfloat16 units, AMX or AVX512-BF16; else fp32)")
     onnx_runtime: bool = Field(True, description="run a variant in ONNX Runtime at the batch sizes where it measured "

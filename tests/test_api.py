@@ -162,8 +162,10 @@ def test_granularity_selects_channel_variants(client: TestClient) -> None:
     assert post("keep=0.5&granularity=channel").json()["variant"]["granularity"] == "channel"
     assert post("keep=0.5").json()["variant"]["granularity"] == "weight"
     assert post("granularity=channel").json()["variant"]["name"] == "channel-keep0.50"  # its densest
-    r = post("keep=0.1&granularity=channel")
-    assert r.status_code == 422 and "available keeps: 0.5" in r.json()["detail"]
+    # granularity only breaks a tie: keep 0.1 exists for weight only, so that variant answers
+    assert post("keep=0.1&granularity=channel").json()["variant"]["name"] == "gate-keep0.10"
+    r = post("keep=0.3&granularity=channel")
+    assert r.status_code == 422 and "available keeps: 1, 0.5, 0.1" in r.json()["detail"]
     r = post("keep=0.5&granularity=block")
     assert r.status_code == 422 and "granularity" in json.dumps(r.json()["detail"])
 
@@ -203,7 +205,6 @@ BAD_REQUESTS = [
     ("keep-inf", "keep=inf", "one", 422),
     ("keep-text", "keep=lots", "one", 422),
     ("keep-too-long", "keep=" + "9" * 40, "one", 422),
-    ("auto-without-max-drop", "keep=auto", "one", 422),
     ("top-k-huge", "top_k=100000", "one", 422),
     ("max-drop-negative", "keep=auto&max_drop=-1", "one", 422),
     ("max-drop-text", "keep=auto&max_drop=abc", "one", 422),
@@ -214,7 +215,7 @@ BAD_REQUESTS = [
     ("multipart-text-field", "", "multipart-text", 422),
     ("empty-file", "", "empty", 422),
     ("not-an-image", "", "text", 415),
-    ("truncated-image", "", "truncated", 422),
+    ("truncated-image", "", "truncated", 415),
     ("wrong-content-type", "", "json", 415),
     ("raw-not-image", "", "raw-garbage", 415),
     ("too-many-files", "", "many", 413),
@@ -542,3 +543,29 @@ def test_docs_are_served_without_a_cdn(client: TestClient) -> None:
         for asset in __import__("re").findall(r'(?:src|href)="(/static/docs/[^"]+)"', page.text):
             assert client.get(asset).status_code == 200, asset
     assert "fonts.googleapis" not in client.get("/redoc").text
+
+
+def test_openapi_lists_the_loaded_keeps_and_the_limits(client: TestClient) -> None:
+    operation = client.get("/openapi.json").json()["paths"]["/predict"]["post"]
+    keep = next(p for p in operation["parameters"] if p["name"] == "keep")
+    assert keep["schema"]["enum"] == ["1", "0.5", "0.1", "auto"]  # weight 1 / 0.5 / 0.1 and channel 0.5
+    assert "channel: 0.5" in keep["description"]
+    files = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["files"]
+    assert files["minItems"] == 1 and files["maxItems"] == 64
+    for value in keep["schema"]["enum"]:  # every schema-valid keep is served, whatever the granularity
+        for granularity in ("weight", "channel"):
+            r = client.post(f"/predict?keep={value}&granularity={granularity}&max_drop=10",
+                            files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+            assert r.status_code == 200, (value, granularity, r.text)
+
+
+def test_auto_under_a_latency_budget_says_whether_it_fit(client: TestClient) -> None:
+    def ask(ms: float) -> dict:
+        r = client.post(f"/predict?keep=auto&max_latency_ms={ms}", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    generous, impossible = ask(600_000), ask(0.000001)
+    assert generous["latency_budget_met"] is True and generous["estimated_ms"] > 0
+    assert impossible["latency_budget_met"] is False  # the fastest variant answers, and says it did not fit
+    assert generous["variant"]["name"] == "dense"  # the most accurate one fits a generous budget

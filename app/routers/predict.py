@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,8 +25,9 @@ UPLOAD_FIELDS = ("files", "file")
 INLINE_DECODE_PIXELS = 64 * 64 * 64  # e.g. 64 CIFAR-sized images
 _ERRORS = {
     413: {"model": ErrorResponse, "description": "body, image count or image pixels over the limit"},
-    415: {"model": ErrorResponse, "description": "unsupported content type, or a file that is not an image"},
-    422: {"model": ErrorResponse, "description": "bad query (keep, top_k, max_drop) or unusable image"},
+    415: {"model": ErrorResponse, "description": "unsupported content type, or a file no image decoder reads"},
+    422: {"model": ErrorResponse, "description": "bad query (keep, top_k, max_drop), empty file or image "
+                                                 "without pixels"},
     503: {"model": ErrorResponse, "description": "not ready, or the queue is full (see Retry-After)"},
 }
 _BODY_DOC = {
@@ -43,38 +45,57 @@ _BODY_DOC = {
 }
 
 
+@dataclass
+class Selection:
+    """The variant that answers, and for keep=auto with max_latency_ms whether its estimate fits."""
+
+    variant: Variant
+    estimated_ms: float | None = None
+    latency_budget_met: bool | None = None
+
+
 def resolve_variant(service: Service, keep: str | None, max_drop: float | None,
-                    granularity: str = "weight", max_latency_ms: float | None = None, images: int = 1) -> Variant:
+                    granularity: str = "weight", max_latency_ms: float | None = None,
+                    images: int = 1) -> Selection:
+    """keep = a shipped keep ratio (granularity breaks the tie when both families have it, and is
+    otherwise only a preference: the keep names the variant), "auto", or None (DEFAULT_KEEP, else the
+    densest variant of the granularity). max_drop / max_latency_ms only matter with keep=auto."""
     registry = service.registry
-    available = ", ".join(f"{k:g}" for k in registry.keeps(granularity)) or "none"
-    if keep is None or keep == "":
+    if keep is not None and not keep.strip():
+        raise HTTPException(422, detail="keep is empty: give a keep ratio (see GET /variants) or 'auto', or omit it")
+    if keep is None:
         default = service.settings.default_keep
         variant = registry.by_keep(default if default is not None else 1.0, granularity)
         if variant is None:  # e.g. granularity=channel has no keep 1.0: its densest variant
             variant = next((v for v in registry.variants if v.granularity == granularity), None)
         if variant is None:
             raise HTTPException(422, detail=f"no {granularity}-granularity variants are loaded")
-        return variant
+        return Selection(variant)
     if is_auto(keep):
+        if max_drop is None and max_latency_ms is None:
+            max_drop = service.settings.auto_max_drop
+        queued = service.queued_images()
         try:
-            return registry.auto(max_drop, max_latency_ms, images=images, queued_images=service.queued_images(),
-                                 max_batch=service.settings.max_batch)
+            variant = registry.auto(max_drop, max_latency_ms, images=images, queued_images=queued,
+                                    max_batch=service.settings.max_batch)
         except AutoError as exc:
-            raise HTTPException(exc.status, detail=str(exc),
-                                headers={"Retry-After": "1"} if exc.status == 503 else None) from None
-    if max_latency_ms is not None:
-        raise HTTPException(422, detail="max_latency_ms is for keep=auto")
+            raise HTTPException(exc.status, detail=str(exc)) from None
+        if max_latency_ms is None:
+            return Selection(variant)
+        estimate = registry.latency_estimate_ms(variant, images, queued, service.settings.max_batch)
+        return Selection(variant, estimate, None if estimate is None else estimate <= max_latency_ms)
     try:
         value = float(keep)
     except ValueError:
         raise HTTPException(422, detail=f"keep must be a number in (0, 1] or 'auto', got {keep!r}") from None
+    available = ", ".join(sorted({f"{v.keep:g}" for v in registry.variants}, key=float, reverse=True))
     if not math.isfinite(value) or not 0 < value <= 1:
         raise HTTPException(422, detail=f"keep must be in (0, 1], got {keep!r}; available: {available}")
-    variant = registry.by_keep(value, granularity)
+    variant = registry.by_keep(value, granularity) or next(
+        (v for v in registry.variants if math.isclose(v.keep, value, abs_tol=1e-9)), None)
     if variant is None:
-        raise HTTPException(422, detail=f"no {granularity}-granularity variant with keep={value:g}; "
-                                        f"available keeps: {available}")
-    return variant
+        raise HTTPException(422, detail=f"no variant with keep={value:g}; available keeps: {available}")
+    return Selection(variant)
 
 
 def is_auto(keep: str | None) -> bool:
@@ -138,7 +159,8 @@ async def predict(
                     "depth, fits this many milliseconds (503 if none fits now, 422 if none ever could)"),
     granularity: Literal["weight", "channel"] = Query(
         "weight", description="weight: unstructured top-K weights; channel: whole channels removed (narrower "
-                              "dense layers). keep=auto searches both"),
+                              "dense layers). Chooses between the two variants when both have the keep, and "
+                              "the family when keep is omitted; keep=auto searches both"),
     top_k: int = Query(3, ge=1, le=1000, description="how many classes with probabilities to return"),
     service: Service = Depends(get_ready_service),
 ) -> dict:
@@ -146,7 +168,8 @@ async def predict(
     variant_label, status, count = "none", 500, 0
     try:
         if not is_auto(keep):
-            variant = resolve_variant(service, keep, max_drop, granularity, max_latency_ms)
+            selection = resolve_variant(service, keep, max_drop, granularity, max_latency_ms)
+            variant = selection.variant
             variant_label = variant.name
             admit(service, variant, 1)  # a full queue refuses before the body is read
         uploads = await read_uploads(request, service)
@@ -154,7 +177,8 @@ async def predict(
         if count > service.settings.max_images:
             raise HTTPException(413, detail=f"{count} images; the limit is MAX_IMAGES={service.settings.max_images}")
         if is_auto(keep):  # the choice may depend on how many images this request brings
-            variant = resolve_variant(service, keep, max_drop, granularity, max_latency_ms, images=count)
+            selection = resolve_variant(service, keep, max_drop, granularity, max_latency_ms, images=count)
+            variant = selection.variant
             variant_label = variant.name
         admit(service, variant, count)  # and before any image is decoded
         pixels = await decode_images(service, uploads)
@@ -162,6 +186,9 @@ async def predict(
         probs = await infer(service, variant, pixels)
         inference_ms = (time.perf_counter() - started) * 1e3
         response = _response(service, variant, uploads, probs, top_k, inference_ms)
+        if max_latency_ms is not None and is_auto(keep):
+            response["latency_budget_met"] = selection.latency_budget_met
+            response["estimated_ms"] = selection.estimated_ms
         status = 200
         return response
     except HTTPException as exc:

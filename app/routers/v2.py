@@ -281,7 +281,7 @@ def _choose(service: Service, variant: Variant | None, parameters: dict, images:
         raise _fail(400, f"parameter granularity must be 'weight' or 'channel', got {granularity!r}")
     try:
         return resolve_variant(service, keep, number("max_drop"), granularity, number("max_latency_ms"),
-                               images=images)
+                               images=images).variant
     except HTTPException as exc:
         raise _fail(400 if exc.status_code == 422 else exc.status_code, str(exc.detail)) from None
 
