@@ -96,3 +96,17 @@ def build_models_dir(root: Path, keeps: tuple[float, ...] = (1.0, 0.5, 0.1), see
                 "architecture": TINY.to_dict(), "variants": variants}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `prune-serve` process on the tiny models, every variant planned, for a module's tests."""
+    from tests.live import LiveServer
+
+    root = tmp_path_factory.mktemp("live")
+    server = LiveServer(build_models_dir(root / "models"), PLAN_DIR=str(root / "plans"))
+    try:
+        server.wait_ready(execution="done")
+        yield server
+    finally:
+        server.stop()

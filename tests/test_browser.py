@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import build_models_dir, jpeg_bytes
+from tests.conftest import jpeg_bytes
 from tests.live import LiveServer
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -18,19 +18,8 @@ ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("browser")
-    live = LiveServer(build_models_dir(root / "models"), PLAN_DIR=str(root / "plans"))
-    try:
-        live.wait_ready(execution="done")
-        yield live
-    finally:
-        live.stop()
-
-
 @pytest.fixture
-def page(server: LiveServer):
+def page(live_server: LiveServer):
     outside: list[str] = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -38,7 +27,7 @@ def page(server: LiveServer):
 
         def route(request_route) -> None:
             url = request_route.request.url
-            if url.startswith(server.url) or url.startswith("blob:") or url.startswith("data:"):
+            if url.startswith(live_server.url) or url.startswith("blob:") or url.startswith("data:"):
                 request_route.continue_()
             else:
                 outside.append(url)
@@ -52,10 +41,10 @@ def page(server: LiveServer):
     assert not outside, f"the page asked for other hosts: {outside}"
 
 
-def test_upload_an_image_and_see_its_class(page, server: LiveServer, tmp_path: Path) -> None:
+def test_upload_an_image_and_see_its_class(page, live_server: LiveServer, tmp_path: Path) -> None:
     image = tmp_path / "red.jpg"
     image.write_bytes(jpeg_bytes((220, 30, 30)))
-    page.goto(server.url + "/")
+    page.goto(live_server.url + "/")
     page.wait_for_selector("#variants tbody tr")  # the trade-off table came from /variants
     assert page.locator("#keep option").count() == 3  # the weight keeps of the tiny models
     page.set_input_files("#files", str(image))
@@ -76,10 +65,10 @@ def test_upload_an_image_and_see_its_class(page, server: LiveServer, tmp_path: P
     page.wait_for_function("document.querySelector('#plot').naturalWidth > 0", timeout=30_000)  # the plot loaded
 
 
-def test_docs_render_their_operations_offline(page, server: LiveServer) -> None:
-    page.goto(server.url + "/docs")
+def test_docs_render_their_operations_offline(page, live_server: LiveServer) -> None:
+    page.goto(live_server.url + "/docs")
     page.wait_for_selector(".opblock-summary-path", timeout=20_000)
     paths = set(page.locator(".opblock-summary-path").all_inner_texts())
     assert {"/predict", "/variants", "/v2/models/{model}/infer"} <= {p.replace("\u200b", "") for p in paths}
-    page.goto(server.url + "/redoc")
+    page.goto(live_server.url + "/redoc")
     page.wait_for_selector("text=/predict", timeout=20_000)

@@ -12,27 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import CLASSES, build_models_dir, jpeg_bytes
+from tests.conftest import CLASSES, jpeg_bytes
 from tests.live import LiveServer
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("v2")
-    live = LiveServer(build_models_dir(root / "models"), PLAN_DIR=str(root / "plans"))
-    try:
-        live.wait_ready(execution="done")
-        yield live
-    finally:
-        live.stop()
-
-
 @pytest.fixture
-def client(server: LiveServer):
-    c = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+def client(live_server: LiveServer):
+    c = httpclient.InferenceServerClient(url=f"127.0.0.1:{live_server.port}")
     yield c
     c.close()
 
@@ -56,7 +45,7 @@ def test_health_metadata_and_readiness(client) -> None:
 
 
 @pytest.mark.parametrize("binary", [False, True])
-def test_uint8_pixels_json_and_binary_equal_predict(client, server: LiveServer, binary: bool) -> None:
+def test_uint8_pixels_json_and_binary_equal_predict(client, live_server: LiveServer, binary: bool) -> None:
     images, files = pixels(3)
     tensor = httpclient.InferInput("IMAGE", list(images.shape), "UINT8")
     tensor.set_data_from_numpy(images, binary_data=binary)
@@ -64,7 +53,7 @@ def test_uint8_pixels_json_and_binary_equal_predict(client, server: LiveServer, 
                           outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=binary)])
     probs = result.as_numpy("probabilities")
     assert probs.shape == (3, len(CLASSES)) and np.allclose(probs.sum(1), 1, atol=1e-5)
-    rest = httpx.post(f"{server.url}/predict?keep=0.5&top_k={len(CLASSES)}",
+    rest = httpx.post(f"{live_server.url}/predict?keep=0.5&top_k={len(CLASSES)}",
                       files=[("files", (f"{i}.jpg", f)) for i, f in enumerate(files)]).json()
     for row, prediction in zip(probs, rest["predictions"]):
         expected = {t["index"]: t["probability"] for t in prediction["top_k"]}
@@ -93,7 +82,7 @@ def test_auto_model_chooses_from_parameters(client) -> None:
     assert chosen.get_response()["parameters"]["variant"] == "channel-keep0.50"
 
 
-def test_errors_are_4xx_with_an_error_body(client, server: LiveServer) -> None:
+def test_errors_are_4xx_with_an_error_body(client, live_server: LiveServer) -> None:
     images, _ = pixels(1)
     tensor = httpclient.InferInput("IMAGE", [1, 16, 16, 3], "UINT8")
     tensor.set_data_from_numpy(np.zeros((1, 16, 16, 3), dtype=np.uint8))
@@ -101,7 +90,7 @@ def test_errors_are_4xx_with_an_error_body(client, server: LiveServer) -> None:
         client.infer("dense", [tensor])
     with pytest.raises(InferenceServerException, match="unknown model"):
         client.get_model_metadata("nope")
-    url = f"{server.url}/v2/models/dense/infer"
+    url = f"{live_server.url}/v2/models/dense/infer"
     cases = [
         (b"{not json", {}, 400, "not valid JSON"),
         (json.dumps({"inputs": []}).encode(), {}, 400, "no inputs"),
@@ -125,33 +114,33 @@ def test_errors_are_4xx_with_an_error_body(client, server: LiveServer) -> None:
     for body, headers, status, message in cases:
         r = httpx.post(url, content=body, headers=headers)
         assert r.status_code == status and message in r.json()["error"], (r.status_code, r.text, message)
-    r = httpx.post(f"{server.url}/v2/models/dense/versions/7/infer", content=b"{}")
+    r = httpx.post(f"{live_server.url}/v2/models/dense/versions/7/infer", content=b"{}")
     assert r.status_code == 404 and "version" in r.json()["error"]
-    assert httpx.get(f"{server.url}/health").status_code == 200  # still serving
+    assert httpx.get(f"{live_server.url}/health").status_code == 200  # still serving
 
 
-def test_metrics_count_v2_requests_like_predict(client, server: LiveServer) -> None:
+def test_metrics_count_v2_requests_like_predict(client, live_server: LiveServer) -> None:
     images, _ = pixels(2)
     tensor = httpclient.InferInput("IMAGE", list(images.shape), "UINT8")
     tensor.set_data_from_numpy(images, binary_data=True)
-    before = _images_counted(server, "gate-keep0.10")
+    before = _images_counted(live_server, "gate-keep0.10")
     client.infer("gate-keep0.10", [tensor])
-    assert _images_counted(server, "gate-keep0.10") == before + 2
+    assert _images_counted(live_server, "gate-keep0.10") == before + 2
 
 
-def _images_counted(server: LiveServer, variant: str) -> float:
+def _images_counted(live_server: LiveServer, variant: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{live_server.url}/metrics").text
     return sum(s.value for f in text_string_to_metric_families(text) if f.name == "prune_images"
                for s in f.samples if s.name == "prune_images_total" and s.labels["variant"] == variant)
 
 
-def test_rest_example_with_curl_shape(server: LiveServer, tmp_path: Path) -> None:
+def test_rest_example_with_curl_shape(live_server: LiveServer, tmp_path: Path) -> None:
     """The README's JSON example: UINT8 pixels inline, classification asked."""
     body = {"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [128] * 3072}],
             "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]}
-    r = httpx.post(f"{server.url}/v2/models/dense/infer", json=body)
+    r = httpx.post(f"{live_server.url}/v2/models/dense/infer", json=body)
     assert r.status_code == 200
     out = r.json()["outputs"][0]
     assert out["datatype"] == "BYTES" and out["shape"] == [1, 2] and len(out["data"]) == 2
