@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import tempfile
@@ -29,6 +30,7 @@ from core.hardware import Capabilities, detect
 from engine import sparse_kernels
 from engine.compact import BATCH_BUCKETS, PATHS, CompactNet, OnnxSession, onnxruntime_available
 
+log = logging.getLogger("engine.plan")
 PLAN_VERSION = 1
 BACKENDS = ("torch", "onnxruntime")
 
@@ -137,7 +139,8 @@ def find(directories: list[Path], key: dict) -> tuple[dict, Path] | None:
             continue
         try:
             plan = read(path)
-        except PlanError:
+        except PlanError as exc:
+            log.warning("ignoring execution plan %s", exc)
             continue
         if plan.get("key") == key:
             return plan, path
@@ -152,6 +155,7 @@ def write(path: Path, plan: dict) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(plan, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: other users (a container's service user) must read it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -86,6 +86,7 @@ def test_entries_match_by_checkpoint_hash_and_files_by_key(tmp_path: Path) -> No
     path = tmp_path / "a" / plans.plan_filename(key)
     plans.write(path, plans.new_plan(key, "test", 1, 0))
     assert plans.find([tmp_path / "missing", tmp_path / "a"], key)[1] == path
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by a container's service user
     assert plans.find([tmp_path / "a"], {**key, "threads": 7}) is None
     other = {**key, "torch": "0.0"}  # a file under this key's name but made elsewhere: not used
     plans.write(path, plans.new_plan(other, "test", 1, 0))
