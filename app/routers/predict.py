@@ -156,7 +156,7 @@ async def predict(
     max_latency_ms: float | None = Query(
         None, gt=0, le=600_000, allow_inf_nan=False,
         description="with keep=auto: the most accurate variant whose measured p95 latency, at the current queue "
-                    "depth, fits this many milliseconds (503 if none fits now, 422 if none ever could)"),
+                    "depth, fits this many milliseconds (none fits: the fastest answers, latency_budget_met=false)"),
     granularity: Literal["weight", "channel"] = Query(
         "weight", description="weight: unstructured top-K weights; channel: whole channels removed (narrower "
                               "dense layers). Chooses between the two variants when both have the keep, and "
