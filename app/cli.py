@@ -50,8 +50,7 @@ def check(settings: Settings) -> int:
     logging.getLogger("app.registry").setLevel(logging.CRITICAL)  # its problems are printed below, once
     registry = Registry(settings.models_dir, settings.inference_precision(), probe_runs=3,
                         onnx_runtime=settings.onnx_runtime)
-    shipped, cache = settings.plan_directories()
-    found = plans.find([shipped] + ([cache] if cache else []), plans.plan_key(registry.precision))
+    found = plans.find(settings.plan_directories(), plans.plan_key(registry.precision))
     plan, source = (found[0], str(found[1])) if found else (None, "")
     registry.load(plan, source)
     if not registry.ready:

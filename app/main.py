@@ -154,12 +154,8 @@ def describe_loaded_variants(app: FastAPI, settings: Settings) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         operation = schema["paths"]["/predict"]["post"]
-        content = operation["requestBody"]["content"]
-        content["multipart/form-data"]["schema"] = {
-            "type": "object", "required": ["files"], "properties": {"files": {
-                "type": "array", "minItems": 1, "maxItems": settings.max_images,
-                "items": {"type": "string", "format": "binary", "minLength": 1}}}}
-        content["image/*"]["schema"] = {"type": "string", "format": "binary", "minLength": 1}
+        files = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["files"]
+        files["maxItems"] = settings.max_images
         service = getattr(app.state, "service", None)
         if service is None or not service.registry.ready:
             return schema  # not cached: asked again once the keeps are known

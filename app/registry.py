@@ -41,11 +41,7 @@ class Interrupted(Exception):
 
 
 class AutoError(Exception):
-    """keep=auto cannot be answered; ``status`` is the HTTP status to give."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
+    """keep=auto cannot be answered (no variant within max_drop, or no budget given)."""
 
 
 class ModelsError(RuntimeError):

@@ -70,8 +70,7 @@ class Service:
         self.execution = "done"
 
     async def _optimise(self, loop: asyncio.AbstractEventLoop) -> None:
-        shipped, cache = self.settings.plan_directories()
-        directories = [shipped] + ([cache] if cache else [])
+        directories, cache = self.settings.plan_directories(), self.settings.plan_cache()
         found = plans.find(directories, self.plan_key)
         lock = None
         if found is None and cache is not None:

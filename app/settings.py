@@ -97,9 +97,14 @@ class Settings(BaseSettings):
             return self.torch_threads
         return max(1, usable_cores() // self.workers)
 
-    def plan_directories(self) -> tuple[Path, Path | None]:
-        """(shipped plans in models/plans, the writable cache for plans measured here or None)."""
-        return self.models_dir / "plans", self.plan_dir or default_plan_cache()
+    def plan_cache(self) -> Path | None:
+        """The writable directory for plans measured here (None if there is none)."""
+        return self.plan_dir or default_plan_cache()
+
+    def plan_directories(self) -> list[Path]:
+        """Where a plan for this machine is looked for, in order: models/plans, then the cache."""
+        cache = self.plan_cache()
+        return [self.models_dir / "plans"] + ([cache] if cache else [])
 
     def inference_precision(self) -> str:
         if self.precision != "auto":

@@ -33,13 +33,13 @@ _ERRORS = {
 _BODY_DOC = {
     "requestBody": {
         "required": True,
-        "description": "multipart/form-data with one or more images in `files` (or `file`), "
+        "description": "multipart/form-data with one or more images in `files` (`file` is accepted too), "
                        "or one raw image body with an image/* content type",
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                "file": {"type": "string", "format": "binary"}}}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+                "files": {"type": "array", "minItems": 1,  # maxItems: MAX_IMAGES, set by app.main
+                          "items": {"type": "string", "format": "binary", "minLength": 1}}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary", "minLength": 1}},
         },
     }
 }
@@ -79,7 +79,7 @@ def resolve_variant(service: Service, keep: str | None, max_drop: float | None,
             variant = registry.auto(max_drop, max_latency_ms, images=images, queued_images=queued,
                                     max_batch=service.settings.max_batch)
         except AutoError as exc:
-            raise HTTPException(exc.status, detail=str(exc)) from None
+            raise HTTPException(422, detail=str(exc)) from None
         if max_latency_ms is None:
             return Selection(variant)
         estimate = registry.latency_estimate_ms(variant, images, queued, service.settings.max_batch)
