@@ -9,7 +9,7 @@ from torch import nn
 from core import checkpoint
 from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, choose_path, compact
 from tests.conftest import tiny_model
-from training.prune import channel_counts, channel_masks, prune, prune_channels
+from training.prune import channel_counts, channel_masks, prune, prune_channels, taylor_channel_importance
 
 TOL = 1e-4
 
@@ -73,6 +73,26 @@ def test_channel_masks_remove_producer_and_readers() -> None:
         alive_reads = masks[reader].transpose(0, 1).flatten(1).any(1)
         assert torch.equal(alive_rows, alive_reads)
         assert int(alive_rows.sum()) == channel_counts(len(alive_rows), 0.5)
+
+
+def test_taylor_ranking_scores_an_unread_channel_zero_and_prunes_it_first() -> None:
+    model = tiny_model(5)
+    with torch.no_grad():
+        model.block2.conv1.weight[:, 3].zero_()  # nobody reads channel 3 of block1.conv2
+    torch.manual_seed(0)
+    images, labels = torch.randn(24, 3, 32, 32), torch.randint(0, 3, (24,))
+    before, mode = [p.requires_grad for p in model.parameters()], model.training
+    scores = taylor_channel_importance(model, images, labels, batch_size=10)
+    assert scores["block1.conv2"][3] == 0 and (scores["block1.conv2"][torch.arange(8) != 3] > 0).all()
+    assert set(scores) == {name for name, _, _, _ in model.conv_chain()}
+    assert [p.requires_grad for p in model.parameters()] == before and model.training == mode
+    assert all(p.grad is None for p in model.parameters())
+    masks = channel_masks(model, 0.5, scores)
+    assert not masks["block1.conv2"][3].any() and not masks["block2.conv1"][:, 3].any()
+    # The ranking decides: the same masks come back for the same scores, other masks for other scores.
+    assert all(torch.equal(m, channel_masks(model, 0.5, scores)[k]) for k, m in masks.items())
+    flipped = {k: -v for k, v in scores.items()}
+    assert masks["block1.conv2"][3].any() != channel_masks(model, 0.5, flipped)["block1.conv2"][3].any()
 
 
 def test_emptied_filter_becomes_a_constant_and_unread_channel_is_dropped() -> None:

@@ -163,6 +163,11 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
     # ... but a work dir made with other flags is refused, never mixed in.
     with pytest.raises(SystemExit, match="other settings.*epochs"):
         prune_train([*args, "--epochs", "2"])
+    # ... and so is one made by older training code with the same flags (RECIPE_VERSION).
+    record = json.loads((work / "run-config.json").read_text())
+    (work / "run-config.json").write_text(json.dumps({**record, "recipe_version": record["recipe_version"] - 1}))
+    with pytest.raises(SystemExit, match="other settings.*recipe_version"):
+        prune_train(args)
 
 
 def test_same_seed_same_numbers(image_folder: Path, tmp_path: Path) -> None:
@@ -170,11 +175,12 @@ def test_same_seed_same_numbers(image_folder: Path, tmp_path: Path) -> None:
         args = ["--data", str(image_folder), "--out", str(tmp_path / tag), "--work-dir", str(tmp_path / f"w{tag}"),
                 "--seeds", "1", "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
                 "--val-size", "3", "--keeps", "0.3", "--prune-steps", "0", "--calib-images", "8", "--precision", "fp32",
-                "--channel-keeps", "0.5", "--channel-steps", "2"]
+                "--channel-keeps", "0.5", "--channel-steps", "2", "--channel-ranking", "taylor"]
         assert prune_train(args) == 0
         return json.loads((tmp_path / tag / "manifest.json").read_text())
 
     a, b = run("a"), run("b")
+    assert a["training"]["channel_ranking"] == "taylor" and a["training"]["recipe_version"] >= 2
     assert [v["sha256"] for v in a["variants"]] == [v["sha256"] for v in b["variants"]]
     assert a["sweep"] == b["sweep"]
 

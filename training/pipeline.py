@@ -25,9 +25,18 @@ from core.hardware import DEVICES_HELP, PRECISIONS, describe, select_device, sel
 from core.model import TTA_LEVELS, GatedNet, NetConfig, count_parameters
 from training import report
 from training.data import DataError, channel_stats, load_dataset, normalize, split_validation
-from training.prune import CRITERIA, SCOPES, channel_masks, check_keep, prune
+from training.prune import (
+    CHANNEL_RANKINGS,
+    CRITERIA,
+    SCOPES,
+    channel_masks,
+    check_keep,
+    prune,
+    taylor_channel_importance,
+)
 from training.train import (
     GATE_METHODS,
+    RECIPE_VERSION,
     PruneConfig,
     TrainConfig,
     accuracy,
@@ -132,6 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pr.add_argument("--channel-steps", type=int, default=300,
                     help="distilled fine-tune steps per channel variant (removing whole channels needs more)")
     pr.add_argument("--channel-lr", type=float, default=prune_defaults.lr, help="its peak lr, multiple of --lr")
+    pr.add_argument("--channel-ranking", choices=CHANNEL_RANKINGS, default="mass",
+                    help="which channels a layer keeps: the most weight mass reading them (mass), or the "
+                         "largest first-order Taylor estimate of the loss change on --calib-images labelled "
+                         "training images (taylor)")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--tta", type=int, choices=TTA_LEVELS, default=2,
                     help="test-time augmentation the service applies (0 none, 1 mirror, 2 mirror + translate: "
@@ -158,6 +171,7 @@ def _guard_work_dir(args: argparse.Namespace, dataset_sha: str) -> None:
     work = Path(args.work_dir)
     wanted = {k: v for k, v in sorted(vars(args).items()) if k not in _RESULT_NEUTRAL}
     wanted["dataset_sha256"] = dataset_sha
+    wanted["recipe_version"] = RECIPE_VERSION
     record = work / "run-config.json"
     if record.exists():
         found = json.loads(record.read_text())
@@ -187,11 +201,15 @@ def _variant_name(criterion: str, keep: float) -> str:
     return "dense" if keep == 1.0 else f"{criterion}-keep{label}"
 
 
-def _calibration_images(splits: dict, seed: int, count: int) -> torch.Tensor:
+def _calibration_sample(splits: dict, seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     # A seeded random sample: the training split is stored class by class, and BN statistics of
     # one class would mis-normalise the other nine.
-    pick = torch.randperm(len(splits["train_y"]), generator=torch.Generator().manual_seed(seed))
-    return splits["train_x"][pick[:count].to(splits["train_x"].device)]
+    pick = torch.randperm(len(splits["train_y"]), generator=torch.Generator().manual_seed(seed))[:count]
+    return splits["train_x"][pick.to(splits["train_x"].device)], splits["train_y"][pick.to(splits["train_y"].device)]
+
+
+def _calibration_images(splits: dict, seed: int, count: int) -> torch.Tensor:
+    return _calibration_sample(splits, seed, count)[0]
 
 
 def _evaluate(model: GatedNet, splits: dict, cfg: TrainConfig, tta: int) -> dict:
@@ -283,7 +301,7 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
     BN recalibration. Each keep is cached in work_dir/seed-N/channel/ as it completes."""
     seed_dir = Path(args.work_dir) / f"seed-{seed}"
     out_dir = seed_dir / "channel"
-    calib = _calibration_images(splits, seed, args.calib_images)
+    calib, calib_labels = _calibration_sample(splits, seed, args.calib_images)
     teacher = None
     rows = []
     for keep in tqdm(args.channel_keeps, desc=f"seed {seed} channels", unit="variant", file=sys.stdout):
@@ -295,8 +313,10 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
             teacher = checkpoint.load_model(seed_dir / "dense.safetensors")
             teacher = teacher.to(device, memory_format=torch.channels_last)
         model = copy.deepcopy(teacher)
-        masks = channel_masks(model, keep)
         began = time.perf_counter()
+        scores = None if args.channel_ranking == "mass" else \
+            taylor_channel_importance(model, calib, calib_labels, precision=cfg.precision)
+        masks = channel_masks(model, keep, scores)
         prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg,
                        replace(pcfg, steps=args.channel_steps, lr=args.channel_lr, gradual=False), seed,
                        teacher=teacher, masks=masks)
@@ -425,7 +445,8 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
                      "ship_finetune_min_gain": args.ship_finetune_min_gain,
                      "methods": args.methods, "prune_max_keep": args.prune_max_keep, "phase2": pcfg.to_dict(),
                      "channel_keeps": args.channel_keeps, "channel_steps": args.channel_steps,
-                     "channel_lr": args.channel_lr},
+                     "channel_lr": args.channel_lr, "channel_ranking": args.channel_ranking,
+                     "recipe_version": RECIPE_VERSION},
         "hardware": {"export": hardware, "per_seed": [r.get("hardware") for r in results]},
         "tta": args.tta,
         "timing": {  # measured when each seed ran (sweep time was not recorded by older runs: null)

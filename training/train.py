@@ -33,6 +33,10 @@ from core.model import GatedNet, tta_logits
 from training.prune import prune
 
 GATE_METHODS = ("frozen", "st_topk", "penalty", "none")
+# Bumped whenever a code change alters what training produces for the same flags, so that a work dir
+# made by older code is refused instead of mixed in (prune-train records it with the flags).
+# 2: whitening samples its 5,000 images at random instead of taking the first ones.
+RECIPE_VERSION = 2
 
 
 @dataclass
@@ -139,10 +143,16 @@ def dirac_init(model: GatedNet) -> None:
             nn.init.dirac_(layer.weight[:layer.weight.size(1)])
 
 
-def prepare(model: GatedNet, cfg: TrainConfig, images: Tensor) -> None:
-    """Initialise a fresh model for phase 1 (deterministic given the torch seed)."""
+WHITEN_IMAGES = 5000  # airbench's sample for the patch covariance
+
+
+def prepare(model: GatedNet, cfg: TrainConfig, images: Tensor, seed: int) -> None:
+    """Initialise a fresh model for phase 1 (deterministic given the seed)."""
     if cfg.whiten:
-        whiten_stem(model, images[:5000])
+        # A random sample: a data set stored class by class (ImageFolder order) would otherwise
+        # whiten on one class's patches (airplanes: mostly sky), not on the data set's.
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:WHITEN_IMAGES]
+        whiten_stem(model, images[pick.to(images.device)])
     dirac_init(model)
 
 
@@ -277,7 +287,7 @@ def train(
     device = images.device
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    prepare(model, cfg, images)
+    prepare(model, cfg, images, seed)
     _freeze_bn_weights(model)
     if cfg.whiten:
         model.stem.weight.requires_grad_(False)

@@ -1,0 +1,87 @@
+"""Phase 2 on validation: which fine-tune length, channel ranking or distillation weight pays? (validation only)
+
+Starts from the shipped release seed's dense network (models/dense.safetensors, seed 0) and prunes it
+exactly as prune-train does: channel granularity keeps the top channels of every conv (ranked by
+--rankings); weight granularity prunes gradually by the learned gates (gate_magnitude, global, floor
+0.2 %). Each setting fine-tunes with distillation from the dense logits, re-estimates BN and reports
+validation accuracy (the 5,000 images prune-train holds out of train; no TTA) against dense. Test images
+are not touched.
+
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --keep 0.625 --steps 300 900
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --keep 0.5 --steps 0 60 \
+        --rankings mass taylor
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.1 --steps 600 --baseline models/variants/gate_magnitude-keep0.10-ft.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import replace
+
+import torch
+
+from core import checkpoint
+from core.hardware import select_device, select_precision
+from training.data import channel_stats, load_dataset, normalize, split_validation
+from training.prune import CHANNEL_RANKINGS, channel_masks, taylor_channel_importance
+from training.train import PruneConfig, TrainConfig, accuracy, prune_finetune, recalibrate_bn
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--dense", default="models/dense.safetensors")
+    p.add_argument("--granularity", choices=("channel", "weight"), default="channel")
+    p.add_argument("--keep", type=float, default=0.625)
+    p.add_argument("--steps", type=int, nargs="+", default=[300, 900])
+    p.add_argument("--lr", type=float, default=PruneConfig().lr)
+    p.add_argument("--distill", type=float, nargs="+", default=[PruneConfig().distill],
+                   help="weights of the distillation term to try (0 = labels only, 1 = teacher only)")
+    p.add_argument("--rankings", nargs="+", choices=CHANNEL_RANKINGS, default=["mass"],
+                   help="channel ranking: weight mass that reads the channel, or first-order Taylor")
+    p.add_argument("--ranking-images", type=int, default=2000, help="labelled training images for taylor")
+    p.add_argument("--baseline", help="a shipped checkpoint of the same seed to report alongside "
+                                      "(e.g. models/variants/channel-keep0.625-ft.safetensors: 300 steps)")
+    args = p.parse_args()
+    device = select_device("auto")
+    precision = select_precision("auto", device)
+    data = load_dataset(args.data)
+    train_idx, val_idx = split_validation(data.train_labels, 5000, seed=0)
+    mean, std = channel_stats(data.train_images[train_idx])
+    train_x, train_y = normalize(data.train_images[train_idx], mean, std), data.train_labels[train_idx]
+    val_x, val_y = normalize(data.train_images[val_idx], mean, std), data.train_labels[val_idx]
+    pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))
+    calib = train_x[pick[:2000]]
+    rank_x, rank_y = train_x[pick[:args.ranking_images]], train_y[pick[:args.ranking_images]]
+    cfg = TrainConfig(precision=precision)
+    teacher = checkpoint.load_model(args.dense).to(device, memory_format=torch.channels_last)
+    dense_val = accuracy(teacher, val_x, val_y, precision=precision)
+    print(f"{device} {precision}; dense validation {dense_val:.2f} %", flush=True)
+    if args.baseline:
+        shipped = checkpoint.load_model(args.baseline, root="models").to(device, memory_format=torch.channels_last)
+        val = accuracy(shipped, val_x, val_y, precision=precision)
+        print(f"{args.baseline}: validation {val:.2f} % (drop {dense_val - val:.2f})", flush=True)
+    rankings = args.rankings if args.granularity == "channel" else ["gate_magnitude"]
+    for ranking, steps, distill in [(r, s, d) for r in rankings for s in args.steps for d in args.distill]:
+        model = copy.deepcopy(teacher)
+        began = time.perf_counter()
+        pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill)
+        if args.granularity == "channel":
+            scores = taylor_channel_importance(model, rank_x, rank_y, precision=precision) \
+                if ranking == "taylor" else None
+            masks = channel_masks(model, args.keep, scores)
+            prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
+                           teacher=teacher, masks=masks)
+        else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
+            prune_finetune(model, train_x, train_y, args.keep, cfg, pcfg, 0, teacher=teacher, floor=0.002)
+        recalibrate_bn(model, calib, precision=precision)
+        val = accuracy(model, val_x, val_y, precision=precision)
+        print(f"{args.granularity} keep {args.keep:g}, {ranking}, {steps} steps, lr {args.lr:g}, distill {distill:g}: "
+              f"validation {val:.2f} % (drop {dense_val - val:.2f}) in {time.perf_counter() - began:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
