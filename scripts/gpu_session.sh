@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One lent-GPU session: the phase-1 recipe ablation on validation, then the full pipeline with the
-# winning setting, inside a wall-clock budget (seconds, $1); results packed under $OUT.
+# winning setting, inside a wall-clock budget (seconds, $1); results packed under $OUT. The work dir
+# (/tmp/w/runs) resumes, so a run cut by the budget finishes on a second call to the same machine.
 set -uo pipefail
-budget=${1:-345}
+budget=${1:-570}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$(pwd)"
 t0=$(date +%s)
 data=.gpu/cifar10-jpeg.tar.gz
