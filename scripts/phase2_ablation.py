@@ -26,7 +26,7 @@ import torch
 from core import checkpoint
 from core.hardware import select_device, select_precision
 from training.data import channel_stats, load_dataset, normalize, split_validation
-from training.prune import CHANNEL_RANKINGS, channel_masks, taylor_channel_importance
+from training.prune import CHANNEL_RANKINGS, channel_masks, channel_ranking_scores
 from training.train import PruneConfig, TrainConfig, accuracy, prune_finetune, recalibrate_bn
 
 
@@ -65,14 +65,14 @@ def main() -> None:
         val = accuracy(shipped, val_x, val_y, precision=precision)
         print(f"{args.baseline}: validation {val:.2f} % (drop {dense_val - val:.2f})", flush=True)
     rankings = args.rankings if args.granularity == "channel" else ["gate_magnitude"]
+    scores = {r: channel_ranking_scores(teacher, r, rank_x, rank_y, precision)  # depend on the teacher alone
+              for r in rankings if args.granularity == "channel"}
     for ranking, steps, distill in [(r, s, d) for r in rankings for s in args.steps for d in args.distill]:
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill)
         if args.granularity == "channel":
-            scores = taylor_channel_importance(model, rank_x, rank_y, precision=precision) \
-                if ranking == "taylor" else None
-            masks = channel_masks(model, args.keep, scores)
+            masks = channel_masks(model, args.keep, scores[ranking])
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
                            teacher=teacher, masks=masks)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer

@@ -9,7 +9,15 @@ from torch import nn
 from core import checkpoint
 from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, choose_path, compact
 from tests.conftest import tiny_model
-from training.prune import channel_counts, channel_masks, prune, prune_channels, taylor_channel_importance
+from training.prune import (
+    channel_counts,
+    channel_importance,
+    channel_masks,
+    channel_ranking_scores,
+    prune,
+    prune_channels,
+    taylor_channel_importance,
+)
 
 TOL = 1e-4
 
@@ -93,6 +101,13 @@ def test_taylor_ranking_scores_an_unread_channel_zero_and_prunes_it_first() -> N
     assert all(torch.equal(m, channel_masks(model, 0.5, scores)[k]) for k, m in masks.items())
     flipped = {k: -v for k, v in scores.items()}
     assert masks["block1.conv2"][3].any() != channel_masks(model, 0.5, flipped)["block1.conv2"][3].any()
+    # The flag's names: 'taylor' is this ranking, 'mass' the default one; anything else is refused.
+    by_flag = channel_ranking_scores(model, "taylor", images, labels)
+    assert all(torch.allclose(by_flag[k], scores[k], rtol=1e-4, atol=0) for k in scores)
+    mass = channel_ranking_scores(model, "mass", images, labels)
+    assert all(torch.equal(mass[k], v) for k, v in channel_importance(model).items())
+    with pytest.raises(ValueError, match="unknown channel ranking"):
+        channel_ranking_scores(model, "l1", images, labels)
 
 
 def test_emptied_filter_becomes_a_constant_and_unread_channel_is_dropped() -> None:

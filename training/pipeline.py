@@ -30,9 +30,9 @@ from training.prune import (
     CRITERIA,
     SCOPES,
     channel_masks,
+    channel_ranking_scores,
     check_keep,
     prune,
-    taylor_channel_importance,
 )
 from training.train import (
     GATE_METHODS,
@@ -208,10 +208,6 @@ def _calibration_sample(splits: dict, seed: int, count: int) -> tuple[torch.Tens
     return splits["train_x"][pick.to(splits["train_x"].device)], splits["train_y"][pick.to(splits["train_y"].device)]
 
 
-def _calibration_images(splits: dict, seed: int, count: int) -> torch.Tensor:
-    return _calibration_sample(splits, seed, count)[0]
-
-
 def _evaluate(model: GatedNet, splits: dict, cfg: TrainConfig, tta: int) -> dict:
     """Validation without TTA (what choices use); test with the served TTA and without."""
     row = {"val_acc": accuracy(model, splits["val_x"], splits["val_y"], cfg.precision),
@@ -257,7 +253,7 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     base = ("../dense.safetensors", dense_sha, checkpoint.folded_weights(model))
     dense_state = copy.deepcopy(model.state_dict())
     teacher = copy.deepcopy(model).eval()
-    calib = _calibration_images(splits, seed, args.calib_images)
+    calib, _ = _calibration_sample(splits, seed, args.calib_images)
     release = seed == args.release_seed
 
     jobs = [(c, k, None) for c in args.criteria for k in args.keeps if not (k == 1.0 and c != args.criteria[0])]
@@ -302,7 +298,7 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
     seed_dir = Path(args.work_dir) / f"seed-{seed}"
     out_dir = seed_dir / "channel"
     calib, calib_labels = _calibration_sample(splits, seed, args.calib_images)
-    teacher = None
+    teacher, scores = None, None  # loaded (and its channels ranked) once, when a keep is not cached
     rows = []
     for keep in tqdm(args.channel_keeps, desc=f"seed {seed} channels", unit="variant", file=sys.stdout):
         done = out_dir / f"keep{keep:.3f}.json"
@@ -312,10 +308,9 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
         if teacher is None:
             teacher = checkpoint.load_model(seed_dir / "dense.safetensors")
             teacher = teacher.to(device, memory_format=torch.channels_last)
+            scores = channel_ranking_scores(teacher, args.channel_ranking, calib, calib_labels, cfg.precision)
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
-        scores = None if args.channel_ranking == "mass" else \
-            taylor_channel_importance(model, calib, calib_labels, precision=cfg.precision)
         masks = channel_masks(model, keep, scores)
         prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg,
                        replace(pcfg, steps=args.channel_steps, lr=args.channel_lr, gradual=False), seed,

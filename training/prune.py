@@ -205,6 +205,17 @@ def taylor_channel_importance(model: GatedNet, images: Tensor, labels: Tensor, b
     return scores
 
 
+def channel_ranking_scores(model: GatedNet, ranking: str, images: Tensor, labels: Tensor,
+                           precision: str = "fp32") -> dict[str, Tensor]:
+    """Per conv layer, one score per output channel by ``ranking`` (see CHANNEL_RANKINGS); the labelled
+    images are only read by 'taylor'. They depend on the model alone, not on the keep ratio."""
+    if ranking not in CHANNEL_RANKINGS:
+        raise ValueError(f"unknown channel ranking {ranking!r}; choose from {', '.join(CHANNEL_RANKINGS)}")
+    if ranking == "mass":
+        return channel_importance(model)
+    return taylor_channel_importance(model, images, labels, precision=precision)
+
+
 def channel_masks(model: GatedNet, keep: float, scores: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Weight masks (layer name → bool, weight-shaped) that keep the top channels of every conv
     (ranked by ``scores``, per conv layer one score per output channel; default: ``channel_importance``).
