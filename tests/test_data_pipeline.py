@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from core import checkpoint
 from tests.conftest import CLASSES, jpeg_bytes
+from training import pipeline
 from training.data import DataError, load_dataset, preprocess, split_validation
 from training.pipeline import main as prune_train
 
@@ -118,7 +119,8 @@ def test_validation_split_is_stratified_disjoint_and_seeded() -> None:
     assert torch.equal(split_validation(labels, 20, seed=0)[1], val)
 
 
-def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tmp_path: Path) -> None:
+def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     out, work = tmp_path / "models", tmp_path / "runs"
     args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(work), "--seeds", "2",
             "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
@@ -160,6 +162,17 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
     assert prune_train(args) == 0
     again = json.loads((out / "manifest.json").read_text())
     assert again["variants"] == json.loads(first)["variants"]
+    # A run cut inside a seed's sweep resumes at the variant it was on: finished ones are not redone.
+    (work / "seed-0" / "results.json").unlink()
+    cut = sorted((work / "seed-0" / "sweep").glob("*-ft.json"))
+    assert len(cut) == 3  # 3 phase-2 methods at keep 0.1 (0.5 is above --prune-max-keep)
+    cut[0].unlink()
+    calls = []
+    real = pipeline.prune_finetune
+    monkeypatch.setattr(pipeline, "prune_finetune", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    assert prune_train(args) == 0
+    assert len(calls) == 1  # the one missing variant (channel variants are cached per keep as well)
+    assert json.loads((out / "manifest.json").read_text())["variants"] == json.loads(first)["variants"]
     # ... but a work dir made with other flags is refused, never mixed in.
     with pytest.raises(SystemExit, match="other settings.*epochs"):
         prune_train([*args, "--epochs", "2"])

@@ -196,6 +196,14 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
                        gate_lr=args.prune_gate_lr, distill=args.distill, temperature=args.temperature)
 
 
+def _write_json_atomic(path: Path, data: dict) -> None:
+    """A job killed mid-write leaves no half file that a resumed run would read as done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
 def _variant_name(criterion: str, keep: float) -> str:
     label = f"{keep:.2f}" if round(keep, 2) == keep else f"{keep:.3f}"  # 0.30, 0.625
     return "dense" if keep == 1.0 else f"{criterion}-keep{label}"
@@ -260,8 +268,12 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     if args.prune_steps > 0:
         jobs += [(m, k, m) for m in args.methods for k in args.keeps if k < 1.0 and k <= args.prune_max_keep]
     rows: list[dict] = []
-    sweep_began = time.perf_counter()
+    sweep_dir = seed_dir / "sweep"  # one file per finished variant: a cut run resumes at the next one
     for criterion, keep, method in tqdm(jobs, desc=f"seed {seed} sweep", unit="variant", file=sys.stdout):
+        done = sweep_dir / f"{criterion}-keep{keep:.3f}-{'ft' if method else 'oneshot'}.json"
+        if done.exists():
+            rows.append(json.loads(done.read_text()))
+            continue
         model.load_state_dict(dense_state)
         model.set_masks(None)
         began = time.perf_counter()
@@ -277,17 +289,18 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
         if keep == 1.0:  # every TTA level for the dense network (what TTA buys, for the README)
             row.update({f"test_acc_tta{level}": accuracy(model, splits["test_x"], splits["test_y"], cfg.precision,
                                                          tta=level) for level in TTA_LEVELS})
-        rows.append(row)
         if release and (criterion == args.ship_criterion or keep == 1.0):
             # The release seed's candidates for shipping, written as they come; export picks.
             checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(args.ship_criterion, keep,
                                                                                 finetuned),
                                    None if finetuned else base)
+        _write_json_atomic(done, row)  # after its checkpoint: a recorded variant always has one
+        rows.append(row)
     model.set_masks(None)
-    result = {"seed": seed, "history": history, "rows": rows, "sweep_seconds": time.perf_counter() - sweep_began,
-              "hardware": hardware}
+    result = {"seed": seed, "history": history, "rows": rows, "hardware": hardware,
+              "sweep_seconds": sum(r["seconds"] for r in rows)}  # summed per variant: right across resumes
     seed_dir.mkdir(parents=True, exist_ok=True)
-    results_file.write_text(json.dumps(result, indent=1))
+    _write_json_atomic(results_file, result)
     return result
 
 
@@ -320,8 +333,7 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
                "seconds": round(time.perf_counter() - began, 2)}
         if seed == args.release_seed:
             checkpoint.save_pruned(model, out_dir / _variant_file("channel", keep, True))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(row))
+        _write_json_atomic(done, row)
         rows.append(row)
     return rows
 
