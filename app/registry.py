@@ -281,8 +281,8 @@ class Registry:
 
     @torch.inference_mode()
     def _forward(self, variant: Variant, images: Tensor) -> Tensor:
-        # The manifest's test-time augmentation (its accuracies were measured with it): every view
-        # of every image goes through the network in one batch, so its cost is in every latency.
+        # The manifest's test-time augmentation (its accuracies were measured with it): each view is
+        # one forward pass over the whole batch (6 at TTA 2), so its cost is in every latency.
         logits = tta_logits(variant.net, images.contiguous(memory_format=torch.channels_last), self.tta)
         return torch.softmax(logits.float(), dim=1)
 
