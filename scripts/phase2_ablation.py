@@ -12,6 +12,8 @@ are not touched.
         --rankings mass taylor
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --baseline models/variants/gate_magnitude-keep0.10-ft.safetensors
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.1 --steps 200 --gate-lrs 0.01 0      # learned vs frozen gates: accuracy and mask overlap
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from core import checkpoint
 from core.hardware import select_device, select_precision
 from training.data import channel_stats, load_dataset, normalize, split_validation
-from training.prune import CHANNEL_RANKINGS, channel_masks, channel_ranking_scores
+from training.prune import CHANNEL_RANKINGS, channel_masks, channel_ranking_scores, importance, topk_masks
 from training.train import PruneConfig, TrainConfig, accuracy, prune_finetune, recalibrate_bn
 
 
@@ -38,6 +40,9 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=0.625)
     p.add_argument("--steps", type=int, nargs="+", default=[300, 900])
     p.add_argument("--lr", type=float, default=PruneConfig().lr)
+    p.add_argument("--gate-lrs", type=float, nargs="+", default=[PruneConfig().gate_lr],
+                   help="weight granularity: Adam lr of the gates while pruning (0 = frozen gates, i.e. gradual "
+                        "magnitude pruning); with several, also prints how far their final masks agree")
     p.add_argument("--distill", type=float, nargs="+", default=[PruneConfig().distill],
                    help="weights of the distillation term to try (0 = labels only, 1 = teacher only)")
     p.add_argument("--rankings", nargs="+", choices=CHANNEL_RANKINGS, default=["mass"],
@@ -67,20 +72,36 @@ def main() -> None:
     rankings = args.rankings if args.granularity == "channel" else ["gate_magnitude"]
     scores = {r: channel_ranking_scores(teacher, r, rank_x, rank_y, precision)  # depend on the teacher alone
               for r in rankings if args.granularity == "channel"}
-    for ranking, steps, distill in [(r, s, d) for r in rankings for s in args.steps for d in args.distill]:
+    gate_lrs = args.gate_lrs if args.granularity == "weight" else [0.0]
+    final_masks = {}
+    for ranking, steps, distill, gate_lr in [(r, s, d, g) for r in rankings for s in args.steps
+                                             for d in args.distill for g in gate_lrs]:
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
-        pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill)
+        pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking])
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
                            teacher=teacher, masks=masks)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
-            prune_finetune(model, train_x, train_y, args.keep, cfg, pcfg, 0, teacher=teacher, floor=0.002)
+            masks = prune_finetune(model, train_x, train_y, args.keep, cfg, pcfg, 0, teacher=teacher, floor=0.002)
+            final_masks[(steps, distill, gate_lr)] = torch.cat([m.flatten().cpu() for m in masks.values()])
         recalibrate_bn(model, calib, precision=precision)
         val = accuracy(model, val_x, val_y, precision=precision)
-        print(f"{args.granularity} keep {args.keep:g}, {ranking}, {steps} steps, lr {args.lr:g}, distill {distill:g}: "
-              f"validation {val:.2f} % (drop {dense_val - val:.2f}) in {time.perf_counter() - began:.0f} s", flush=True)
+        gates = f", gate lr {gate_lr:g}" if args.granularity == "weight" else ""
+        print(f"{args.granularity} keep {args.keep:g}, {ranking}, {steps} steps, lr {args.lr:g}, distill {distill:g}"
+              f"{gates}: validation {val:.2f} % (drop {dense_val - val:.2f}) in {time.perf_counter() - began:.0f} s",
+              flush=True)
+    if final_masks:  # how much the survivors depend on the gates (and on the schedule) at all
+        reference = torch.cat([m.flatten() for m in topk_masks(importance(teacher, "magnitude"), args.keep,
+                                                               floor=0.002).values()])
+        runs = list(final_masks.items())
+        for i, (setting, mask) in enumerate(runs):
+            print(f"survivors of (steps, distill, gate lr) = {setting}: share also in one-shot |W| top-K "
+                  f"{(mask & reference).sum().item() / reference.sum().item():.3f}", flush=True)
+            for other, other_mask in runs[i + 1:]:
+                print(f"  ... also in {other}'s: {(mask & other_mask).sum().item() / mask.sum().item():.3f}",
+                      flush=True)
 
 
 if __name__ == "__main__":
