@@ -14,6 +14,8 @@ are not touched.
         --keep 0.1 --steps 600 --baseline models/variants/gate_magnitude-keep0.10-ft.safetensors
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 200 --gate-lrs 0.01 0      # learned vs frozen gates: accuracy and mask overlap
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.05 --steps 600 --criteria lamp       # layer-adaptive (LAMP) instead of global |W·sigmoid(S)|
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from core import checkpoint
 from core.hardware import select_device, select_precision
 from training.data import channel_stats, load_dataset, normalize, split_validation
 from training.prune import CHANNEL_RANKINGS, channel_masks, channel_ranking_scores, importance, topk_masks
-from training.train import PruneConfig, TrainConfig, accuracy, prune_finetune, recalibrate_bn
+from training.train import PHASE2_CRITERIA, PruneConfig, TrainConfig, accuracy, prune_finetune, recalibrate_bn
 
 
 def main() -> None:
@@ -40,6 +42,8 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=0.625)
     p.add_argument("--steps", type=int, nargs="+", default=[300, 900])
     p.add_argument("--lr", type=float, default=PruneConfig().lr)
+    p.add_argument("--criteria", nargs="+", choices=PHASE2_CRITERIA, default=[PruneConfig().criterion],
+                   help="weight granularity: what the gradual top-K ranks (|W·sigmoid(S)| globally, or LAMP)")
     p.add_argument("--gate-lrs", type=float, nargs="+", default=[PruneConfig().gate_lr],
                    help="weight granularity: Adam lr of the gates while pruning (0 = frozen gates, i.e. gradual "
                         "magnitude pruning); with several, also prints how far their final masks agree")
@@ -69,7 +73,7 @@ def main() -> None:
         shipped = checkpoint.load_model(args.baseline, root="models").to(device, memory_format=torch.channels_last)
         val = accuracy(shipped, val_x, val_y, precision=precision)
         print(f"{args.baseline}: validation {val:.2f} % (drop {dense_val - val:.2f})", flush=True)
-    rankings = args.rankings if args.granularity == "channel" else ["gate_magnitude"]
+    rankings = args.rankings if args.granularity == "channel" else args.criteria
     scores = {r: channel_ranking_scores(teacher, r, rank_x, rank_y, precision)  # depend on the teacher alone
               for r in rankings if args.granularity == "channel"}
     gate_lrs = args.gate_lrs if args.granularity == "weight" else [0.0]
@@ -79,13 +83,15 @@ def main() -> None:
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr)
+        if args.granularity == "weight":
+            pcfg = replace(pcfg, criterion=ranking)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking])
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
                            teacher=teacher, masks=masks)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
             masks = prune_finetune(model, train_x, train_y, args.keep, cfg, pcfg, 0, teacher=teacher, floor=0.002)
-            final_masks[(steps, distill, gate_lr)] = torch.cat([m.flatten().cpu() for m in masks.values()])
+            final_masks[(ranking, steps, distill, gate_lr)] = torch.cat([m.flatten().cpu() for m in masks.values()])
         recalibrate_bn(model, calib, precision=precision)
         val = accuracy(model, val_x, val_y, precision=precision)
         gates = f", gate lr {gate_lr:g}" if args.granularity == "weight" else ""
@@ -97,7 +103,7 @@ def main() -> None:
                                                                floor=0.002).values()])
         runs = list(final_masks.items())
         for i, (setting, mask) in enumerate(runs):
-            print(f"survivors of (steps, distill, gate lr) = {setting}: share also in one-shot |W| top-K "
+            print(f"survivors of (criterion, steps, distill, gate lr) = {setting}: share also in one-shot |W| top-K "
                   f"{(mask & reference).sum().item() / reference.sum().item():.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:
                 print(f"  ... also in {other}'s: {(mask & other_mask).sum().item() / mask.sum().item():.3f}",

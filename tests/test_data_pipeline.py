@@ -207,9 +207,10 @@ def test_summary_quotes_the_manifest(image_folder: Path, tmp_path: Path) -> None
     args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(tmp_path / "runs"), "--seeds", "1",
             "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8", "--val-size", "3",
             "--keeps", "0.3", "0.1", "0.05", "--prune-steps", "1", "--calib-images", "8", "--precision", "fp32",
-            "--channel-keeps"]  # none
+            "--prune-criterion", "lamp", "--channel-keeps"]  # none
     assert prune_train(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["phase2"]["criterion"] == "lamp"
     summary = (out / "summary.md").read_text()
     for variant in manifest["variants"]:
         assert f"| {variant['name']} |" in summary and f"{variant['bytes']:,}" in summary

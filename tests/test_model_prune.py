@@ -7,7 +7,7 @@ import torch
 
 from core.model import GatedConv2d, GatedLinear, count_parameters
 from tests.conftest import TINY, tiny_model
-from training.prune import CRITERIA, check_keep, importance, prune, topk_masks
+from training.prune import CRITERIA, check_keep, importance, lamp, prune, topk_masks
 from training.train import TrainConfig, finetune, sampled_train_masks
 
 
@@ -123,6 +123,27 @@ def test_criteria_rank_what_they_claim() -> None:
         importance(model, "bogus")
 
 
+def test_lamp_scores_are_each_weights_share_of_the_mass_at_or_above_it() -> None:
+    # squares 9, 1, 4 (ascending 1, 4, 9): mass at or above = 14, 13, 9
+    torch.testing.assert_close(lamp(torch.tensor([-3.0, 1.0, 2.0])), torch.tensor([1.0, 1 / 14, 4 / 13]))
+    assert torch.equal(lamp(torch.zeros(4)), torch.zeros(4))  # an all-zero layer: no division by zero
+
+
+def test_lamp_ranks_within_a_layer_like_magnitude_and_rebalances_between_layers() -> None:
+    model = tiny_model()
+    magnitude, layer_normalised = importance(model, "gate_magnitude"), importance(model, "lamp")
+    for name in magnitude:  # the same order inside each layer
+        assert torch.equal(torch.sort(magnitude[name].flatten(), stable=True).indices,
+                           torch.sort(layer_normalised[name].flatten(), stable=True).indices)
+    # A layer scaled ×0.01 is all but emptied by a global |W| top-K; LAMP does not care about its scale.
+    name, layer = model.gated_layers()[2]
+    with torch.no_grad():
+        layer.weight.mul_(0.01)
+    kept = {c: int(topk_masks(importance(model, c), 0.3)[name].sum()) for c in ("gate_magnitude", "lamp")}
+    assert kept["gate_magnitude"] == 0 and kept["lamp"] > 0.1 * layer.weight.numel()
+    torch.testing.assert_close(importance(model, "lamp")[name], layer_normalised[name])
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
 def test_bad_keep_is_a_clear_error(bad: float) -> None:
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
@@ -142,8 +163,9 @@ def test_finetune_keeps_pruned_weights_exactly_zero() -> None:
         assert not torch.equal(layer.weight.detach()[masks[name]], before[name][masks[name]])  # it did train
 
 
-def test_sampled_train_masks_track_the_requested_keep() -> None:
+@pytest.mark.parametrize("rank", ["score", "effective", "lamp"])
+def test_sampled_train_masks_track_the_requested_keep(rank: str) -> None:
     model = tiny_model()
-    masks = sampled_train_masks(model, 0.3)
+    masks = sampled_train_masks(model, 0.3, rank)
     kept = sum(float(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     assert abs(kept - 0.3) < 0.02

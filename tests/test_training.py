@@ -117,6 +117,7 @@ def test_phase1_with_frozen_gates_leaves_scores_and_trains_weights() -> None:
 
 @pytest.mark.parametrize("pcfg", [PruneConfig(steps=6, gradual=True, gate_lr=0.05),
                                   PruneConfig(steps=6, gradual=True, gate_lr=0.0),
+                                  PruneConfig(steps=6, gradual=True, gate_lr=0.05, criterion="lamp"),
                                   PruneConfig(steps=6, gradual=False)])
 def test_phase2_ends_at_exactly_k_weights_and_distills(pcfg: PruneConfig) -> None:
     torch.manual_seed(0)
@@ -131,6 +132,13 @@ def test_phase2_ends_at_exactly_k_weights_and_distills(pcfg: PruneConfig) -> Non
         assert not layer.effective_weight()[~masks[name]].any()  # pruned weights are exactly zero
     learned = any(not torch.equal(layer.score, scores[n]) for n, layer in model.gated_layers())
     assert learned == (pcfg.gradual and pcfg.gate_lr > 0)
+
+
+def test_phase2_refuses_a_criterion_it_cannot_rank_by() -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match="phase 2 ranks by"):
+        prune_finetune(model, torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)), 0.5, TrainConfig(batch_size=8),
+                       PruneConfig(steps=1, criterion="random"), seed=0)
 
 
 def test_tta_levels() -> None:

@@ -36,6 +36,7 @@ from training.prune import (
 )
 from training.train import (
     GATE_METHODS,
+    PHASE2_CRITERIA,
     RECIPE_VERSION,
     PruneConfig,
     TrainConfig,
@@ -124,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="share of the steps over which the kept share falls to the target")
     pr.add_argument("--prune-lr", type=float, default=prune_defaults.lr, help="phase-2 peak lr, multiple of --lr")
     pr.add_argument("--prune-gate-lr", type=float, default=prune_defaults.gate_lr, help="Adam lr of the scores")
+    pr.add_argument("--prune-criterion", choices=PHASE2_CRITERIA, default=prune_defaults.criterion,
+                    help="what phase 2's top-K ranks: |W·sigmoid(S)| across the net, or its per-layer LAMP "
+                         "normalisation (each layer's share follows its own magnitude distribution)")
     pr.add_argument("--distill", type=float, default=prune_defaults.distill,
                     help="weight of distillation from the dense network (0: labels only)")
     pr.add_argument("--temperature", type=float, default=prune_defaults.temperature, help="distillation "
@@ -193,7 +197,8 @@ def _train_config(args: argparse.Namespace, precision: str) -> TrainConfig:
 
 def _prune_config(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(steps=args.prune_steps, prune_share=args.prune_share, lr=args.prune_lr,
-                       gate_lr=args.prune_gate_lr, distill=args.distill, temperature=args.temperature)
+                       gate_lr=args.prune_gate_lr, distill=args.distill, temperature=args.temperature,
+                       criterion=args.prune_criterion)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

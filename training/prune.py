@@ -20,7 +20,7 @@ from torch import Tensor
 from core.hardware import autocast
 from core.model import GatedNet
 
-CRITERIA = ("gate", "gate_magnitude", "magnitude", "random")
+CRITERIA = ("gate", "gate_magnitude", "lamp", "magnitude", "random")
 SCOPES = ("global", "layer")
 
 
@@ -37,6 +37,8 @@ def importance(model: GatedNet, criterion: str, seed: int = 0) -> dict[str, Tens
 
     gate            the learned score S itself (ranks like sigmoid(S), without its float saturation)
     gate_magnitude  |W · sigmoid(S)|: the effective weight's magnitude
+    lamp            the same, layer-normalised (LAMP, Lee et al. 2021): a global top-K on it sets
+                    each layer's share from the layer's own magnitude distribution, never emptying one
     magnitude       |W|: what torch.nn.utils.prune.global_unstructured with L1 ranks by
     random          seeded uniform noise: the floor any criterion must beat
     """
@@ -48,12 +50,31 @@ def importance(model: GatedNet, criterion: str, seed: int = 0) -> dict[str, Tens
             scores[name] = layer.score.detach().float().cpu().clone()
         elif criterion == "gate_magnitude":
             scores[name] = (layer.weight * layer.gate()).abs().float().cpu()
+        elif criterion == "lamp":
+            scores[name] = lamp((layer.weight * layer.gate()).abs()).cpu()
         elif criterion == "magnitude":
             scores[name] = layer.weight.detach().abs().float().cpu()
         else:
             generator = torch.Generator().manual_seed(seed * 1000 + index)
             scores[name] = torch.rand(layer.weight.shape, generator=generator)
     return scores
+
+
+def lamp(magnitudes: Tensor) -> Tensor:
+    """LAMP scores of one layer: w² / (sum of w'² over the layer's weights ranked at or above w).
+
+    The layer's largest weight scores 1, and a weight's score is its share of what would be left of the
+    layer if everything below it were pruned, so one global threshold prunes a layer less where its
+    remaining mass is concentrated in few weights (Lee et al., "Layer-adaptive sparsity for the
+    magnitude-based pruning", ICLR 2021). Equal magnitudes are ordered by position (stable sort).
+    """
+    squared = magnitudes.detach().flatten().double() ** 2
+    order = torch.sort(squared, stable=True).indices  # ascending
+    ranked = squared[order]
+    mass_above = ranked.flip(0).cumsum(0).flip(0)  # sum over this weight and every larger one
+    scores = torch.empty_like(squared)
+    scores[order] = ranked / mass_above.clamp_min(torch.finfo(torch.float64).tiny)
+    return scores.float().view_as(magnitudes)
 
 
 def _floor_counts(sizes: list[int], floor: float) -> list[int]:

@@ -47,7 +47,7 @@ def write_summary(manifest: dict, out: Path) -> str:
                      f"{' (mask over dense.safetensors)' if v.get('base') else ''} | "
                      f"{'yes' if v['finetuned'] else 'no'} | {v['test_acc_mean']:.2f} ± {v['test_acc_std']:.2f} | "
                      f"{v['drop']:+.2f} |")
-    criteria = [c for c in ("gate", "gate_magnitude", "magnitude", "random") if (c, 0.5, False) in by
+    criteria = [c for c in ("gate", "gate_magnitude", "lamp", "magnitude", "random") if (c, 0.5, False) in by
                 or any(k[0] == c and not k[2] for k in by)]
     tuned = [c for c in ("gate_magnitude", "magnitude_gradual", "magnitude") if any(k[0] == c and k[2] for k in by)]
     names = {"gate_magnitude": "gated gradual (learned gates)", "magnitude_gradual": "gradual, gates frozen",

@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from core.hardware import autocast
 from core.model import GatedNet, tta_logits
-from training.prune import prune
+from training.prune import lamp, prune
 
 GATE_METHODS = ("frozen", "st_topk", "penalty", "none")
+PHASE2_CRITERIA = ("gate_magnitude", "lamp")
 # Bumped whenever a code change alters what training produces for the same flags, so that a work dir
 # made by older code is refused instead of mixed in (prune-train records it with the flags).
 # 2: whitening samples its 5,000 images at random instead of taking the first ones.
@@ -84,6 +85,9 @@ class PruneConfig:
     distill: float = 0.5  # weight of the distillation term (0 = labels only)
     temperature: float = 2.0  # distillation temperature
     gradual: bool = True  # False: one-shot top-K at step 0, then fine-tune with that mask
+    # What the top-K ranks while pruning: |W·sigmoid(S)| across the network (gate_magnitude) or its
+    # per-layer LAMP normalisation (lamp: layer shares follow each layer's magnitude distribution).
+    criterion: str = "gate_magnitude"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,12 +167,15 @@ def prepare(model: GatedNet, cfg: TrainConfig, images: Tensor, seed: int) -> Non
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sampled_train_masks(model: GatedNet, keep: float, rank: str = "score") -> dict[str, Tensor]:
-    """Global top-K at ``keep`` by the score S (rank='score', the `gate` criterion) or by the effective
-    weight |W·sigmoid(S)| (rank='effective', the `gate_magnitude` criterion). The threshold comes from
-    a strided sample: cheap, and within a fraction of a percent of the exact K."""
+    """Global top-K at ``keep`` by the score S (rank='score', the `gate` criterion), by the effective
+    weight |W·sigmoid(S)| (rank='effective', the `gate_magnitude` criterion) or by its per-layer LAMP
+    normalisation (rank='lamp'). The threshold comes from a strided sample: cheap, and within a fraction
+    of a percent of the exact K."""
     layers = model.gated_layers()
     if rank == "effective":
         ranks = {name: (layer.weight * layer.gate()).abs() for name, layer in layers}
+    elif rank == "lamp":
+        ranks = {name: lamp((layer.weight * layer.gate()).abs()) for name, layer in layers}
     else:
         ranks = {name: layer.score.detach() for name, layer in layers}
     flat = torch.cat([r.flatten() for r in ranks.values()])
@@ -440,6 +447,8 @@ def prune_finetune(
     top-K masks by |W·sigmoid(S)|, scores learning at ``pcfg.gate_lr``; after ``prune_share`` of the
     steps the exact top-K is fixed. One-shot: the exact top-K from step 0.
     """
+    if pcfg.criterion not in PHASE2_CRITERIA:
+        raise ValueError(f"phase 2 ranks by one of {', '.join(PHASE2_CRITERIA)}, not {pcfg.criterion!r}")
     device = images.device
     generator = torch.Generator().manual_seed(seed + 7919)
     if teacher is not None:
@@ -465,12 +474,12 @@ def prune_finetune(
     if masks is not None:
         model.set_masks(masks)
     elif fixed_from == 0:
-        masks = prune(model, "gate_magnitude", keep, scope, floor, seed)
+        masks = prune(model, pcfg.criterion, keep, scope, floor, seed)
     model.train()
     for step in range(pcfg.steps):
         if step == fixed_from and masks is None:
             model.set_train_masks(None)
-            masks = prune(model, "gate_magnitude", keep, scope, floor, seed)
+            masks = prune(model, pcfg.criterion, keep, scope, floor, seed)
             if score_optimizer is not None:  # the mask is final: the scores have done their work
                 for s in scores:
                     s.requires_grad_(False)
@@ -478,7 +487,8 @@ def prune_finetune(
                 score_optimizer = None
         if step < fixed_from:
             share = _kept_share(step, fixed_from, keep, 1.0)
-            model.set_train_masks(sampled_train_masks(model, share, "effective") if share < 1.0 else None)
+            rank = "lamp" if pcfg.criterion == "lamp" else "effective"
+            model.set_train_masks(sampled_train_masks(model, share, rank) if share < 1.0 else None)
         # Short warm-up, then linear decay to zero: converge on the final mask.
         warm = max(1, pcfg.steps // 20)
         factor = step / warm if step < warm else (pcfg.steps - step) / max(1, pcfg.steps - warm)
@@ -496,7 +506,7 @@ def prune_finetune(
         _step(loss, optimizers, scaler)
     model.set_train_masks(None)
     if masks is None:  # zero steps asked for
-        masks = prune(model, "gate_magnitude", keep, scope, floor, seed)
+        masks = prune(model, pcfg.criterion, keep, scope, floor, seed)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
