@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from core import checkpoint
-from training.prune import importance, topk_masks
+from training.prune import flat_mask, importance, topk_masks
 
 
 def survivors(model: torch.nn.Module) -> torch.Tensor:
@@ -44,8 +44,7 @@ def main() -> None:
         kept = survivors(checkpoint.load_model(root / variant["file"], variant["sha256"], root=root))
         overlaps = []
         for criterion in args.criteria:
-            masks = topk_masks(scores[criterion], variant["keep"], scope, floor)
-            oneshot = torch.cat([m.flatten() for m in masks.values()])
+            oneshot = flat_mask(topk_masks(scores[criterion], variant["keep"], scope, floor))
             # A survivor whose fine-tuned value happens to be exactly 0 would count as pruned: say so.
             overlaps.append(f"{(kept & oneshot).sum().item() / oneshot.sum().item():.3f}")
         count = int(oneshot.sum())

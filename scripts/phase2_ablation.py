@@ -30,7 +30,7 @@ import torch
 from core import checkpoint
 from core.hardware import select_device, select_precision
 from training.data import channel_stats, load_dataset, normalize, split_validation
-from training.prune import CHANNEL_RANKINGS, channel_masks, channel_ranking_scores, importance, topk_masks
+from training.prune import CHANNEL_RANKINGS, channel_masks, channel_ranking_scores, flat_mask, importance, topk_masks
 from training.train import PHASE2_CRITERIA, PruneConfig, TrainConfig, accuracy, prune_finetune, recalibrate_bn
 
 
@@ -83,15 +83,14 @@ def main() -> None:
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr)
-        if args.granularity == "weight":
-            pcfg = replace(pcfg, criterion=ranking)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking])
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
                            teacher=teacher, masks=masks)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
-            masks = prune_finetune(model, train_x, train_y, args.keep, cfg, pcfg, 0, teacher=teacher, floor=0.002)
-            final_masks[(ranking, steps, distill, gate_lr)] = torch.cat([m.flatten().cpu() for m in masks.values()])
+            masks = prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, criterion=ranking), 0,
+                                   teacher=teacher, floor=0.002)
+            final_masks[(ranking, steps, distill, gate_lr)] = flat_mask(masks)
         recalibrate_bn(model, calib, precision=precision)
         val = accuracy(model, val_x, val_y, precision=precision)
         gates = f", gate lr {gate_lr:g}" if args.granularity == "weight" else ""
@@ -99,8 +98,7 @@ def main() -> None:
               f"{gates}: validation {val:.2f} % (drop {dense_val - val:.2f}) in {time.perf_counter() - began:.0f} s",
               flush=True)
     if final_masks:  # how much the survivors depend on the gates (and on the schedule) at all
-        reference = torch.cat([m.flatten() for m in topk_masks(importance(teacher, "magnitude"), args.keep,
-                                                               floor=0.002).values()])
+        reference = flat_mask(topk_masks(importance(teacher, "magnitude"), args.keep, floor=0.002))
         runs = list(final_masks.items())
         for i, (setting, mask) in enumerate(runs):
             print(f"survivors of (criterion, steps, distill, gate lr) = {setting}: share also in one-shot |W| top-K "

@@ -304,7 +304,6 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     model.set_masks(None)
     result = {"seed": seed, "history": history, "rows": rows, "hardware": hardware,
               "sweep_seconds": sum(r["seconds"] for r in rows)}  # summed per variant: right across resumes
-    seed_dir.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(results_file, result)
     return result
 

@@ -77,6 +77,11 @@ def lamp(magnitudes: Tensor) -> Tensor:
     return scores.float().view_as(magnitudes)
 
 
+def flat_mask(masks: dict[str, Tensor]) -> Tensor:
+    """Every layer's mask as one bool vector, in layer order (to compare two selections)."""
+    return torch.cat([m.flatten().cpu() for m in masks.values()])
+
+
 def _floor_counts(sizes: list[int], floor: float) -> list[int]:
     """Weights each layer keeps whatever the ranking says: ceil(floor × n), at least one."""
     return [min(n, max(1, math.ceil(floor * n))) for n in sizes]
