@@ -47,6 +47,10 @@ def main() -> None:
     p.add_argument("--gate-lrs", type=float, nargs="+", default=[PruneConfig().gate_lr],
                    help="weight granularity: Adam lr of the gates while pruning (0 = frozen gates, i.e. gradual "
                         "magnitude pruning); with several, also prints how far their final masks agree")
+    p.add_argument("--prune-shares", type=float, nargs="+", default=[PruneConfig().prune_share],
+                   help="weight variants: share of the steps over which the kept share falls to the target")
+    p.add_argument("--lookahead", type=int, nargs="+", choices=(0, 1), default=[int(PruneConfig().lookahead)],
+                   help="phase 1's lookahead EMA during phase 2 (0 off, 1 on; both: one run each)")
     p.add_argument("--distill", type=float, nargs="+", default=[PruneConfig().distill],
                    help="weights of the distillation term to try (0 = labels only, 1 = teacher only)")
     p.add_argument("--rankings", nargs="+", choices=CHANNEL_RANKINGS, default=["mass"],
@@ -78,11 +82,14 @@ def main() -> None:
               for r in rankings if args.granularity == "channel"}
     gate_lrs = args.gate_lrs if args.granularity == "weight" else [0.0]
     final_masks = {}
-    for ranking, steps, distill, gate_lr in [(r, s, d, g) for r in rankings for s in args.steps
-                                             for d in args.distill for g in gate_lrs]:
+    shares = args.prune_shares if args.granularity == "weight" else [PruneConfig().prune_share]
+    for ranking, steps, distill, gate_lr, share, ema in [(r, s, d, g, h, e) for r in rankings for s in args.steps
+                                                         for d in args.distill for g in gate_lrs for h in shares
+                                                         for e in args.lookahead]:
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
-        pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr)
+        pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
+                       lookahead=bool(ema))
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking])
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
@@ -90,10 +97,10 @@ def main() -> None:
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
             masks = prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, criterion=ranking), 0,
                                    teacher=teacher, floor=0.002)
-            final_masks[(ranking, steps, distill, gate_lr)] = flat_mask(masks)
+            final_masks[(ranking, steps, distill, gate_lr, share, ema)] = flat_mask(masks)
         recalibrate_bn(model, calib, precision=precision)
         val = accuracy(model, val_x, val_y, precision=precision)
-        gates = f", gate lr {gate_lr:g}" if args.granularity == "weight" else ""
+        gates = f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}" if args.granularity == "weight" else ""
         print(f"{args.granularity} keep {args.keep:g}, {ranking}, {steps} steps, lr {args.lr:g}, distill {distill:g}"
               f"{gates}: validation {val:.2f} % (drop {dense_val - val:.2f}) in {time.perf_counter() - began:.0f} s",
               flush=True)
@@ -101,8 +108,9 @@ def main() -> None:
         reference = flat_mask(topk_masks(importance(teacher, "magnitude"), args.keep, floor=0.002))
         runs = list(final_masks.items())
         for i, (setting, mask) in enumerate(runs):
-            print(f"survivors of (criterion, steps, distill, gate lr) = {setting}: share also in one-shot |W| top-K "
-                  f"{(mask & reference).sum().item() / reference.sum().item():.3f}", flush=True)
+            overlap = (mask & reference).sum().item() / reference.sum().item()
+            print(f"survivors of (criterion, steps, distill, gate lr, share, lookahead) = {setting}: "
+                  f"share also in one-shot |W| top-K {overlap:.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:
                 print(f"  ... also in {other}'s: {(mask & other_mask).sum().item() / mask.sum().item():.3f}",
                       flush=True)

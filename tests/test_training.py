@@ -118,6 +118,7 @@ def test_phase1_with_frozen_gates_leaves_scores_and_trains_weights() -> None:
 @pytest.mark.parametrize("pcfg", [PruneConfig(steps=6, gradual=True, gate_lr=0.05),
                                   PruneConfig(steps=6, gradual=True, gate_lr=0.0),
                                   PruneConfig(steps=6, gradual=True, gate_lr=0.05, criterion="lamp"),
+                                  PruneConfig(steps=10, gradual=True, gate_lr=0.05, lookahead=True),
                                   PruneConfig(steps=6, gradual=False)])
 def test_phase2_ends_at_exactly_k_weights_and_distills(pcfg: PruneConfig) -> None:
     torch.manual_seed(0)
@@ -132,6 +133,19 @@ def test_phase2_ends_at_exactly_k_weights_and_distills(pcfg: PruneConfig) -> Non
         assert not layer.effective_weight()[~masks[name]].any()  # pruned weights are exactly zero
     learned = any(not torch.equal(layer.score, scores[n]) for n, layer in model.gated_layers())
     assert learned == (pcfg.gradual and pcfg.gate_lr > 0)
+
+
+def test_phase2_lookahead_averages_the_fine_tuned_weights() -> None:
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    finals = []
+    for lookahead in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model()
+        prune_finetune(model, images, labels, 0.3, TrainConfig(batch_size=8),
+                       PruneConfig(steps=10, gate_lr=0.05, lookahead=lookahead), seed=0)
+        finals.append(model.block2.conv2.effective_weight().detach())
+    # Same data, seed and masks schedule: only the averaging differs, and it changes the result.
+    assert finals[0].shape == finals[1].shape and not torch.equal(finals[0], finals[1])
 
 
 def test_phase2_refuses_a_criterion_it_cannot_rank_by() -> None:

@@ -77,7 +77,7 @@ class PruneConfig:
     """Phase 2: one target keep, from the trained dense network."""
 
     # Optimiser steps in all (gradual pruning, then fixed-mask fine-tune). 600 beat 200 on validation by
-    # 0.20 points at keep 0.1 and 1.26 at keep 0.05 (docs/training.md); models/ was made with 200.
+    # 0.20 points at keep 0.1 and 1.26 at keep 0.05 (docs/training.md).
     steps: int = 600
     prune_share: float = 0.5  # share of the steps over which the kept share falls (cubic) to the target
     lr: float = 0.25  # peak learning rate as a multiple of the phase-1 lr
@@ -88,6 +88,9 @@ class PruneConfig:
     # What the top-K ranks while pruning: |W·sigmoid(S)| across the network (gate_magnitude) or its
     # per-layer LAMP normalisation (lamp: layer shares follow each layer's magnitude distribution).
     criterion: str = "gate_magnitude"
+    # Phase 1's lookahead EMA (every 5 steps, same decay ramp) during phase 2 too. Off: no validation gain
+    # yet (docs/training.md).
+    lookahead: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -469,6 +472,7 @@ def prune_finetune(
         for group in score_optimizer.param_groups:
             group["base_lr"] = pcfg.gate_lr
     scaler = _grad_scaler(cfg.precision, device)
+    lookahead = Lookahead(model) if pcfg.lookahead else None
 
     fixed_from = int(pcfg.prune_share * pcfg.steps) if (masks is None and pcfg.gradual) else 0
     if masks is not None:
@@ -504,6 +508,10 @@ def prune_finetune(
                     teacher_logits = teacher(batch)
             loss = _distill_loss(model(batch), teacher_logits, labels[idx], cfg, pcfg)
         _step(loss, optimizers, scaler)
+        if lookahead is not None and (step + 1) % 5 == 0:
+            lookahead.update(model, decay=0.95 ** 5 * ((step + 1) / pcfg.steps) ** 3)
+    if lookahead is not None:
+        lookahead.update(model, decay=1.0)  # finish on the averaged weights
     model.set_train_masks(None)
     if masks is None:  # zero steps asked for
         masks = prune(model, pcfg.criterion, keep, scope, floor, seed)
