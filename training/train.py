@@ -88,8 +88,8 @@ class PruneConfig:
     # What the top-K ranks while pruning: |W·sigmoid(S)| across the network (gate_magnitude) or its
     # per-layer LAMP normalisation (lamp: layer shares follow each layer's magnitude distribution).
     criterion: str = "gate_magnitude"
-    # Phase 1's lookahead EMA (every 5 steps, same decay ramp) during phase 2 too. Off: no validation gain
-    # yet (docs/training.md).
+    # Phase 1's lookahead EMA (every 5 steps, same decay ramp) during phase 2 too. Off: 88.96 vs 88.96 %
+    # on validation at keep 0.05 (docs/training.md).
     lookahead: bool = False
 
     def to_dict(self) -> dict:
