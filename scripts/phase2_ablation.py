@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import time
 from dataclasses import replace
 
@@ -83,9 +84,8 @@ def main() -> None:
     gate_lrs = args.gate_lrs if args.granularity == "weight" else [0.0]
     final_masks = {}
     shares = args.prune_shares if args.granularity == "weight" else [PruneConfig().prune_share]
-    for ranking, steps, distill, gate_lr, share, ema in [(r, s, d, g, h, e) for r in rankings for s in args.steps
-                                                         for d in args.distill for g in gate_lrs for h in shares
-                                                         for e in args.lookahead]:
+    for ranking, steps, distill, gate_lr, share, ema in itertools.product(rankings, args.steps, args.distill, gate_lrs,
+                                                                          shares, args.lookahead):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,

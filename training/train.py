@@ -244,6 +244,8 @@ def _freeze_bn_weights(model: GatedNet) -> None:
 class Lookahead:
     """airbench's lookahead: every 5 steps the EMA moves towards the net and the net is reset to it."""
 
+    EVERY = 5  # optimiser steps between updates
+
     def __init__(self, model: nn.Module) -> None:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
         self.updates = 0
@@ -257,6 +259,15 @@ class Lookahead:
         for key, ema in self.state.items():
             ema.lerp_(current[key], 1 - decay)
             current[key].copy_(ema)
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Call after optimiser step ``step`` (counted from 1): every EVERY steps, with a decay that ramps
+        up over training (airbench's schedule)."""
+        if step % self.EVERY == 0:
+            self.update(model, decay=0.95 ** self.EVERY * (step / total_steps) ** 3)
+
+    def finish(self, model: nn.Module) -> None:
+        self.update(model, decay=1.0)  # end on the averaged weights
 
 
 def _grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
@@ -335,7 +346,8 @@ def train(
             if score_optimizer is not None:
                 score_optimizer.load_state_dict(state["score_optimizer"])
             if lookahead is not None:
-                lookahead.state, lookahead.updates = state["lookahead"], start_epoch * steps_per_epoch // 5
+                lookahead.state = state["lookahead"]
+                lookahead.updates = start_epoch * steps_per_epoch // Lookahead.EVERY
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             generator.set_state(state["generator"])
@@ -373,11 +385,11 @@ def train(
             _step(loss, optimizers, scaler)
             step += 1
             steps_run += 1
-            if lookahead is not None and step % 5 == 0:
-                lookahead.update(model, decay=0.95 ** 5 * (step / total_steps) ** 3)
+            if lookahead is not None:
+                lookahead.after_step(model, step, total_steps)
             loss_sum += loss.detach() / len(idx)
         if lookahead is not None and step >= total_steps:
-            lookahead.update(model, decay=1.0)  # finish on the averaged weights
+            lookahead.finish(model)
         model.set_train_masks(None)
 
         entry = {"epoch": epoch + 1, "loss": loss_sum.item() / max(1, steps_run),
@@ -508,10 +520,10 @@ def prune_finetune(
                     teacher_logits = teacher(batch)
             loss = _distill_loss(model(batch), teacher_logits, labels[idx], cfg, pcfg)
         _step(loss, optimizers, scaler)
-        if lookahead is not None and (step + 1) % 5 == 0:
-            lookahead.update(model, decay=0.95 ** 5 * ((step + 1) / pcfg.steps) ** 3)
+        if lookahead is not None:
+            lookahead.after_step(model, step + 1, pcfg.steps)
     if lookahead is not None:
-        lookahead.update(model, decay=1.0)  # finish on the averaged weights
+        lookahead.finish(model)
     model.set_train_masks(None)
     if masks is None:  # zero steps asked for
         masks = prune(model, pcfg.criterion, keep, scope, floor, seed)
