@@ -25,7 +25,7 @@ from core.checkpoint import CheckpointError, load_model
 from core.manifest import SCHEMA_VERSION, Manifest, VariantEntry, describe_error
 from core.model import tta_logits
 from engine import plan as plans
-from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, compact, median_seconds
+from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, compact, interleaved_medians
 
 log = logging.getLogger("app.registry")
 
@@ -241,10 +241,10 @@ class Registry:
             variant.latency_source = "measured at start-up"
             return True
 
-    def _timer(self, fn) -> float:  # noqa: ANN001
+    def _timer(self, candidates: dict) -> dict[str, float]:
         if self.stopping.is_set():
             raise Interrupted("shutting down")
-        return median_seconds(fn)
+        return interleaved_medians(candidates)
 
     def measure(self, variant: Variant, runs: int) -> dict[int, dict[str, float]]:
         """Latency of the service's forward pass (test-time augmentation included) at each batch size."""

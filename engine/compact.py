@@ -20,9 +20,10 @@ GatedNet into a CompactNet that does less work and computes the same function (t
    touches the surviving weights ("direct", engine/sparse_kernels.py), whichever ``calibrate``
    measured fastest. Sparse paths are only tried where the compacted weight is sparse enough to
    have a chance (``SPARSE_MAX_DENSITY``).
-4. Per batch size, the whole network runs in PyTorch (with those per-layer paths) or, where
-   onnxruntime is installed and was measured faster, as an ONNX graph of the compacted dense
-   network in ONNX Runtime (built in memory; its outputs are checked against PyTorch's first).
+4. Per batch size, the whole network runs in PyTorch, all dense or with those per-layer paths (kept
+   only where the whole network with them was measured faster), or, where onnxruntime is installed
+   and was measured faster, as an ONNX graph of the compacted dense network in ONNX Runtime (built
+   in memory; its outputs are checked against PyTorch's first).
 
 The bias maps depend on the input size, so a CompactNet is built for one (32×32 by default).
 """
@@ -369,25 +370,40 @@ def choose_path(timings: dict[str, float], default: str = "dense", margin: float
     return best if alternatives[best] < timings.get(default, math.inf) * margin else default
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
-    fn()  # warm-up: oneDNN primitive cache, allocator
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+Timer = Callable[[dict[str, Callable[[], object]]], dict[str, float]]
+
+
+def interleaved_medians(candidates: dict[str, Callable[[], object]], rounds: int = 9) -> dict[str, float]:
+    """Seconds per call of each candidate: the median over ``rounds`` rounds that each run every
+    candidate once, in an order rotated every round. Interleaving puts drift (another process, clock
+    speed, a cache another candidate warmed) on every candidate alike, which timing one candidate's
+    rounds and then the next's does not; at ~1 ms per call that drift once flipped a choice."""
+    names = list(candidates)
+    for name in names:
+        candidates[name]()  # warm-up: oneDNN primitive cache, allocator
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            began = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 @torch.inference_mode()
-def calibrate(net: CompactNet, buckets: Iterable[int] = BATCH_BUCKETS,
-              timer: Callable[[Callable[[], object]], float] = median_seconds,
+def calibrate(net: CompactNet, buckets: Iterable[int] = BATCH_BUCKETS, timer: Timer = interleaved_medians,
               max_density: float = SPARSE_MAX_DENSITY, onnx: bool = True,
               sparse: bool = True) -> dict[str, dict[int, dict[str, float]]]:
-    """Measure each layer's candidate paths at each batch bucket and set ``paths``, then the whole
-    network's backends (PyTorch vs ONNX Runtime, if installed and ``onnx``) and set ``backends``.
-    Returns the timings (layer or "network" → bucket → path or backend → seconds). ``timer`` is
-    injectable so tests need no clock.
+    """Measure each layer's candidate paths at each batch bucket and set ``paths``, then confirm them
+    on the whole network and choose its backend per bucket, and set ``backends``. Returns the timings
+    (layer or "network" → bucket → path or backend → seconds). ``timer`` times a set of candidates
+    together (see interleaved_medians) and is injectable so tests need no clock.
+
+    A layer's sparse path that won alone must also win in the network: per bucket, the network with
+    the layers' choices ("torch_sparse") is timed against the all-dense network ("torch") and, up to
+    ONNX_MAX_BATCH, ONNX Runtime; if "torch_sparse" does not win by MARGIN, that bucket's layers go
+    back to dense. (A layer timed alone sees warm caches and no neighbours; in the network two CSR
+    layers that had each won once ran the network at 0.61x dense.)
 
     Only float32 networks get the sparse paths and the ONNX Runtime backend (both compute in
     float32): a bfloat16 network mixing them per batch size would give a batch of 8 and a batch of
@@ -403,20 +419,32 @@ def calibrate(net: CompactNet, buckets: Iterable[int] = BATCH_BUCKETS,
             net.onnx_session = OnnxSession.of_compact(net, torch.get_num_threads())
         except Exception as exc:  # noqa: BLE001 - any export or runtime failure: PyTorch stays the backend
             warnings.warn(f"ONNX Runtime backend unavailable for this network: {exc}", stacklevel=2)
-        if net.onnx_session is not None:
-            report["network"] = {}
-            for batch in (b for b in buckets if b <= ONNX_MAX_BATCH):
-                x = torch.randn(batch, 3, *net.input_hw).contiguous(memory_format=torch.channels_last)
-                timings = {"torch": timer(lambda x=x, b=batch: net.torch_forward(x, b)),
-                           "onnxruntime": timer(lambda x=x: net.onnx_session(x))}
-                report["network"][batch] = timings
-                net.backends[batch] = choose_path(timings, default="torch")
-            if "onnxruntime" not in net.backends.values():
-                net.onnx_session = None  # not used: do not keep the graph
+    report["network"] = {}
+    for batch in buckets:
+        x = torch.randn(batch, 3, *net.input_hw).contiguous(memory_format=torch.channels_last)
+        candidates = {"torch": lambda x=x: net.torch_forward(x)}  # every layer dense
+        if any(conv.paths.get(batch, "dense") != "dense" for conv in net.convs):
+            candidates["torch_sparse"] = lambda x=x, b=batch: net.torch_forward(x, b)
+        if net.onnx_session is not None and batch <= ONNX_MAX_BATCH:
+            candidates["onnxruntime"] = lambda x=x: net.onnx_session(x)
+        if len(candidates) == 1:
+            continue  # nothing to choose between
+        timings = timer(candidates)
+        report["network"][batch] = timings
+        chosen = choose_path(timings, default="torch")
+        if chosen != "torch_sparse":
+            for conv in net.convs:
+                conv.paths.pop(batch, None)
+        if chosen == "onnxruntime":
+            net.backends[batch] = "onnxruntime"
+    for conv in net.convs:
+        conv.drop_unused_paths()  # do not keep copies nobody uses
+    if "onnxruntime" not in net.backends.values():
+        net.onnx_session = None  # not used: do not keep the graph
     return report
 
 
-def _calibrate_layers(net: CompactNet, buckets: tuple[int, ...], timer: Callable[[Callable[[], object]], float],
+def _calibrate_layers(net: CompactNet, buckets: tuple[int, ...], timer: Timer,
                       max_density: float) -> dict[str, dict[int, dict[str, float]]]:
     report: dict[str, dict[int, dict[str, float]]] = {}
     sparse_kernels.set_threads(torch.get_num_threads())
@@ -433,13 +461,15 @@ def _calibrate_layers(net: CompactNet, buckets: tuple[int, ...], timer: Callable
         for batch in buckets:
             x = torch.randn(batch, conv.weight.shape[1], *in_hw, dtype=dtype).contiguous(
                 memory_format=torch.channels_last)
-            timings = {}
+            runnable = {}
             for path in conv.available_paths():
                 try:
-                    timings[path] = timer(lambda c=conv, x=x, p=path: c.conv(x, p))
+                    conv.conv(x, path)
                 except (RuntimeError, TypeError):  # e.g. no sparse kernel for this dtype: path unavailable
                     continue
-            report[name][batch] = timings
-            conv.paths[batch] = choose_path(timings)
-        conv.drop_unused_paths()  # do not keep copies nobody uses
+                runnable[path] = lambda c=conv, x=x, p=path: c.conv(x, p)
+            report[name][batch] = timings = timer(runnable)
+            chosen = choose_path(timings)
+            if chosen != "dense":
+                conv.paths[batch] = chosen
     return report

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
 
 from core import checkpoint
-from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, choose_path, compact
+from engine import compact as compact_module
+from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, choose_path, compact, interleaved_medians
 from tests.conftest import tiny_model
 from training.prune import (
     channel_counts,
@@ -206,6 +209,38 @@ def test_choose_path_prefers_dense_unless_a_sparse_path_clearly_wins() -> None:
     assert choose_path({}) == "dense"
 
 
+def _scripted_timer(layer_timings: list[dict[str, float]], network: dict[str, float] | list[dict[str, float]]):
+    """A timer without a clock: every candidate really runs once, the layers' timings come from
+    ``layer_timings`` in call order (cycled), the whole network's from ``network`` (one table, or one
+    per call)."""
+    layer_calls = itertools.cycle(layer_timings)
+    network_calls = itertools.cycle([network] if isinstance(network, dict) else network)
+
+    def timer(candidates: dict) -> dict[str, float]:
+        for fn in candidates.values():
+            fn()
+        table = next(network_calls) if "torch" in candidates else next(layer_calls)
+        return {name: table[name] for name in candidates}
+    return timer
+
+
+def test_interleaved_medians_rotate_the_order_and_take_each_candidates_median(monkeypatch) -> None:
+    clock, order = [0.0], []
+
+    def candidate(name: str, cost: float):
+        def run() -> None:
+            order.append(name)
+            clock[0] += cost
+        return run
+
+    monkeypatch.setattr(compact_module.time, "perf_counter", lambda: clock[0])
+    timings = interleaved_medians({"a": candidate("a", 3.0), "b": candidate("b", 1.0), "c": candidate("c", 2.0)},
+                                  rounds=4)
+    assert timings == {"a": 3.0, "b": 1.0, "c": 2.0}
+    assert order == ["a", "b", "c",  # warm-up
+                     "a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]  # each round starts one later
+
+
 def test_calibrate_sets_paths_per_layer_and_batch_from_measured_timings() -> None:
     model = tiny_model(10)
     prune(model, "gate", 0.05)
@@ -213,29 +248,39 @@ def test_calibrate_sets_paths_per_layer_and_batch_from_measured_timings() -> Non
     # per bucket: direct wins at batch 1, CSR at batch 8, dense at batch 64; nothing is timed for real
     timings = {1: {"dense": 1.0, "sparse": 0.8, "direct": 0.5}, 8: {"dense": 1.0, "sparse": 0.6, "direct": 0.7},
                64: {"dense": 1.0, "sparse": 3.0, "direct": 1.2}}
-    sequence = [timings[b][p] for b in BATCH_BUCKETS for p in ("dense", "sparse", "direct")]
-    calls: list[float] = []
-
-    def injected(fn) -> float:
-        fn()  # the path must really run
-        value = sequence[len(calls) % len(sequence)]
-        calls.append(value)
-        return value
-
-    report = calibrate(net, timer=injected, max_density=1.0, onnx=False)
+    timer = _scripted_timer([timings[b] for b in BATCH_BUCKETS], {"torch": 1.0, "torch_sparse": 0.5})
+    report = calibrate(net, timer=timer, max_density=1.0, onnx=False)
     for conv, name in zip(net.convs, net.layer_names):
-        assert conv.paths == {1: "direct", 8: "sparse", 64: "dense"}
-        assert report[name][1] == timings[1]
+        assert conv.paths == {1: "direct", 8: "sparse"}  # batch 64: dense
+        assert {p: report[name][1][p] for p in timings[1]} == timings[1]
         assert conv.sparse_weight is not None and conv.direct is not None  # both are in use
+    assert set(report["network"]) == {1, 8}  # batch 64 runs dense everywhere: nothing to confirm
     assert net.path_summary() == "b1: XXXXXXX | b8: SSSSSSS | b64: DDDDDDD"
     x = torch.randn(1, 3, 32, 32)
     assert torch.allclose(net(x), model(x), atol=TOL, rtol=0)
 
 
+def test_sparse_layers_that_do_not_speed_up_the_whole_network_go_back_to_dense() -> None:
+    """Each layer's CSR path won alone, but the network with them is not faster by the margin at
+    batch 1 (it is at batch 8): batch 1 runs dense, and only what batch 8 uses is kept."""
+    model = tiny_model(12)
+    prune(model, "gate", 0.05)
+    net = compact(model)
+    layers = {"dense": 1.0, "sparse": 0.5, "direct": 2.0}
+    network = [{"torch": 1.0, "torch_sparse": 0.95}, {"torch": 1.0, "torch_sparse": 0.5}]  # batch 1, batch 8
+    report = calibrate(net, buckets=(1, 8), timer=_scripted_timer([layers], network), max_density=1.0, onnx=False)
+    assert report["network"][1] == network[0]
+    assert net.path_summary() == "b1: DDDDDDD | b8: SSSSSSS | b64: DDDDDDD"
+    assert all(conv.paths == {8: "sparse"} and conv.direct is None for conv in net.convs)
+    rejected = compact(model)
+    calibrate(rejected, buckets=(1, 8), timer=_scripted_timer([layers], network[0]), max_density=1.0, onnx=False)
+    assert all(conv.paths == {} and conv.sparse_weight is None for conv in rejected.convs)  # nothing kept
+
+
 def test_calibrate_skips_dense_layers_and_frees_unused_sparse_copies() -> None:
     net = compact(tiny_model(11))  # keep 1.0: nothing is sparse enough to try
-    report = calibrate(net, timer=lambda fn: 1.0, onnx=False)
-    assert all(not layer for layer in report.values())
+    report = calibrate(net, timer=_scripted_timer([{}], {}), onnx=False)
+    assert all(not timings for timings in report.values())
     assert all(conv.paths == {} and conv.sparse_weight is None and conv.direct is None for conv in net.convs)
 
 
@@ -245,15 +290,10 @@ def test_onnx_runtime_backend_is_chosen_per_batch_size_from_timings_and_matches(
     prune_channels(model, 0.5)
     net = compact(model)
     # layers are not timed (max_density=0); the network: ORT wins at 1, loses at 8; batch 64 is not tried
-    sequence = iter([2.0, 1.0, 1.0, 1.5])
-
-    def injected(fn) -> float:
-        fn()
-        return next(sequence)
-
-    report = calibrate(net, timer=injected, max_density=0.0)
-    assert report["network"][1] == {"torch": 2.0, "onnxruntime": 1.0}
-    assert net.backends == {1: "onnxruntime", 8: "torch"}
+    network = [{"torch": 2.0, "onnxruntime": 1.0}, {"torch": 1.0, "onnxruntime": 1.5}]
+    report = calibrate(net, timer=_scripted_timer([{}], network), max_density=0.0)
+    assert report["network"] == {1: network[0], 8: network[1]}
+    assert net.backends == {1: "onnxruntime"}
     assert net.path_summary().startswith("b1: ORT | b8: DDDDDDD")
     assert net.backend_summary() == {"batch_1": "onnxruntime", "batch_8": "torch", "batch_64": "torch"}
     for batch in (1, 2, 9):  # buckets 1 and 8: both backends equal the masked model
@@ -264,8 +304,8 @@ def test_onnx_runtime_backend_is_chosen_per_batch_size_from_timings_and_matches(
 def test_unused_onnx_session_is_dropped() -> None:
     pytest.importorskip("onnxruntime")
     net = compact(tiny_model(14))
-    calibrate(net, timer=lambda fn: (fn(), 1.0)[1], max_density=0.0)  # a tie everywhere: torch
-    assert net.backends == {1: "torch", 8: "torch"} and net.onnx_session is None
+    calibrate(net, timer=_scripted_timer([{}], {"torch": 1.0, "onnxruntime": 1.0}), max_density=0.0)  # a tie
+    assert net.backends == {} and net.onnx_session is None
 
 
 def test_bfloat16_networks_run_dense_in_torch_only() -> None:
@@ -274,7 +314,9 @@ def test_bfloat16_networks_run_dense_in_torch_only() -> None:
     model = tiny_model(15)
     prune(model, "gate", 0.05)
     net = compact(model).to(torch.bfloat16)
-    calibrate(net, timer=lambda fn: (fn(), 1.0)[1], max_density=1.0)
+    everything_else_wins = _scripted_timer([{"dense": 1.0, "sparse": 0.1, "direct": 0.1}],
+                                           {"torch": 1.0, "torch_sparse": 0.1, "onnxruntime": 0.1})
+    calibrate(net, timer=everything_else_wins, max_density=1.0)
     assert all(conv.paths == {} for conv in net.convs) and net.backends == {} and net.onnx_session is None
 
 
