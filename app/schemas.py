@@ -97,6 +97,8 @@ class Execution(BaseModel):
     plan: str | None = Field(description="the execution plan file in use, if any")
     key: dict = Field(description="what plans are matched on: CPU model, instruction set, torch, precision, threads")
     threads: int = Field(description="intra-op threads of this worker")
+    memory_retained: bool = Field(description="glibc keeps freed activation buffers for reuse (RETAIN_FREED_MEMORY, "
+                                              "see core/hardware.py); false: the C library's defaults")
     auto_speed_basis: str = Field(description="what keep=auto ranks speed by: measured (batch-64 throughput) or "
                                               "compute (multiply-adds, until every variant is measured)")
 

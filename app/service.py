@@ -24,6 +24,7 @@ from app.batching import MicroBatcher
 from app.metrics import Metrics
 from app.registry import Interrupted, Registry, Variant
 from app.settings import Settings
+from core.hardware import retain_freed_memory
 from core.preprocess import normalize
 from engine import plan as plans
 
@@ -43,12 +44,17 @@ class Service:
         self.execution = "loading"  # loading → dense → applying plan | calibrating | waiting for plan → done
         self.plan_source: str | None = None
         self.plan_key: dict = {}
+        self.memory_retained = False
         self._loading: asyncio.Task | None = None
         self.plot_cache: tuple[str, bytes] | None = None  # (the figures it shows, the PNG)
         self.onnx_files: dict[str, tuple[bytes, bytes]] = {}  # variant → its ONNX export (plain, gzip), made once
 
     async def start(self) -> None:
         torch.set_num_threads(self.settings.threads())
+        if self.settings.retain_freed_memory:  # before any model is loaded: every buffer is served the same way
+            self.memory_retained = retain_freed_memory()
+            if not self.memory_retained:
+                log.info("freed memory goes back to the OS (no glibc mallopt here, or MALLOC_* / GLIBC_TUNABLES set)")
         self.plan_key = plans.plan_key(self.registry.precision, torch.get_num_threads())
         # Load in the inference thread so /health answers (and signals are heard) meanwhile.
         self._loading = asyncio.get_running_loop().create_task(self._load())

@@ -7,13 +7,14 @@
     prune-bench failover two replicas behind HAProxy: stop one under load, count failures, watch it rejoin
     prune-bench load    load/soak over HTTP: errors, latency percentiles, images/s, server RSS
     prune-bench serve   served accuracy over HTTP and the micro-batching ratio
+    prune-bench memory  glibc's default allocator settings vs the service's retained freed memory
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("speed", "load", "serve", "plan", "http", "startup", "failover")
+COMMANDS = ("speed", "load", "serve", "plan", "http", "startup", "failover", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench.startup import main as run
     elif command == "failover":
         from bench.failover import main as run
+    elif command == "memory":
+        from bench.memory import main as run
     else:
         from bench.speed import main as run
     return run(argv)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import platform
 from pathlib import Path
 
 import httpx
@@ -145,6 +147,51 @@ def test_a_failing_calibration_falls_back_to_dense(models_dir: Path, monkeypatch
         rows = c.get("/variants").json()["variants"]
         assert all(set(layer["paths"].values()) == {"dense"} for row in rows for layer in row["execution"])
         assert c.post("/predict?keep=0.1", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).status_code == 200
+
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+LIVE_BUFFERS = """
+import resource, sys, torch
+from core.hardware import retain_freed_memory
+applied = retain_freed_memory() if sys.argv[1] == "retain" else False
+def live_buffers():  # three 16 MiB buffers alive at once, like one pass's activations
+    buffers = [torch.ones(4 * 2**20) for _ in range(3)]
+    return sum(b.sum() for b in buffers)
+for _ in range(3):
+    live_buffers()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    live_buffers()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are glibc's")
+def test_retained_memory_serves_repeated_buffers_without_page_faults() -> None:
+    """What RETAIN_FREED_MEMORY is for: glibc's defaults fault every reused buffer back in; retained, none."""
+    import subprocess
+    import sys
+
+    def run(mode: str, **env: str) -> tuple[str, int]:
+        done = subprocess.run([sys.executable, "-c", LIVE_BUFFERS, mode], capture_output=True, text=True, check=True,
+                              env={**os.environ, **env})
+        applied, faults = done.stdout.split()
+        return applied, int(faults)
+
+    assert run("retain") == ("True", 0)
+    applied, faults = run("default")
+    assert applied == "False" and faults > 10 * 3 * 1000  # ~4,096 pages per 16 MiB buffer
+    assert run("retain", MALLOC_TRIM_THRESHOLD_="131072")[0] == "False"  # the operator's own choice stands
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are glibc's")
+def test_variants_say_whether_freed_memory_is_retained(models_dir: Path) -> None:
+    with make_client(models_dir) as c:
+        assert wait_ready(c)["ready"] is True
+        assert c.get("/variants").json()["execution"]["memory_retained"] is True
+    with make_client(models_dir, retain_freed_memory=False) as c:
+        wait_ready(c)
+        assert c.get("/variants").json()["execution"]["memory_retained"] is False
 
 
 def test_onnx_runtime_can_be_switched_off(models_dir: Path) -> None:

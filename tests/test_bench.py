@@ -78,3 +78,12 @@ def test_failover_behind_haproxy_loses_no_request(models_dir: Path, capsys: pyte
                         "--stop-after", "2", "--restart-after", "1"]) == 0
     text = capsys.readouterr().out
     assert "failed: 0 (goal 0)" in text and "A rejoined: True" in text
+
+
+def test_memory_bench_times_both_allocator_modes_in_their_own_processes(models_dir: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    assert prune_bench(["memory", "--models-dir", str(models_dir), "--variants", "dense", "channel-keep0.50",
+                        "--rounds", "1", "--passes", "3", "--batch", "8", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "round 1: default measured" in text and "round 1: retained measured" in text
+    assert "| dense |" in text and "| channel-keep0.50 |" in text and "peak RSS of a child" in text
