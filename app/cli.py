@@ -44,13 +44,15 @@ def check(settings: Settings) -> int:
     """Verify and load every variant (with the matching execution plan, if any), print the table."""
     import torch
 
+    from core.hardware import retain_freed_memory
     from engine import plan as plans
 
     torch.set_num_threads(settings.threads())
+    retained = settings.retain_freed_memory and retain_freed_memory()  # as the service would run
     logging.getLogger("app.registry").setLevel(logging.CRITICAL)  # its problems are printed below, once
     registry = Registry(settings.models_dir, settings.inference_precision(), probe_runs=3,
                         onnx_runtime=settings.onnx_runtime)
-    found = plans.find(settings.plan_directories(), plans.plan_key(registry.precision))
+    found = plans.find(settings.plan_directories(), plans.plan_key(registry.precision, memory_retained=retained))
     plan, source = (found[0], str(found[1])) if found else (None, "")
     registry.load(plan, source)
     if not registry.ready:

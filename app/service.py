@@ -55,7 +55,8 @@ class Service:
             self.memory_retained = retain_freed_memory()
             if not self.memory_retained:
                 log.info("freed memory goes back to the OS (no glibc mallopt here, or MALLOC_* / GLIBC_TUNABLES set)")
-        self.plan_key = plans.plan_key(self.registry.precision, torch.get_num_threads())
+        self.plan_key = plans.plan_key(self.registry.precision, torch.get_num_threads(),
+                                       memory_retained=self.memory_retained)
         # Load in the inference thread so /health answers (and signals are heard) meanwhile.
         self._loading = asyncio.get_running_loop().create_task(self._load())
 

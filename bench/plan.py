@@ -25,6 +25,7 @@ import torch
 
 from app.registry import LATENCY_BATCHES, Registry
 from app.settings import Settings, usable_cores
+from core.hardware import retain_freed_memory
 from engine import plan as plans
 from engine.compact import calibrate
 
@@ -66,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-runs", type=int, default=20, help="timed forward passes per batch size and round")
     p.add_argument("--no-onnx", action="store_true", help="plan without the ONNX Runtime backend (ONNX_RUNTIME=false)")
     p.add_argument("--out", help="plan directory (default: MODELS_DIR/plans, where the service looks first)")
+    p.add_argument("--no-retain-memory", action="store_true",
+                   help="measure with glibc's allocator defaults (for a service run with RETAIN_FREED_MEMORY=false)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.probe_runs < 3:
         p.error("--rounds must be ≥ 1 and --probe-runs ≥ 3")
 
     threads = args.threads or usable_cores()
     torch.set_num_threads(threads)
+    retained = not args.no_retain_memory and retain_freed_memory()  # before any model is loaded, as the service
     precision = Settings(precision=args.precision).inference_precision()
     registry = Registry(Path(args.models_dir), precision, probe_runs=args.probe_runs, onnx_runtime=not args.no_onnx)
     began = time.perf_counter()
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if not registry.ready:
         print(f"prune-bench plan: models not servable: {registry.error}", file=sys.stderr)
         return 1
-    key = plans.plan_key(precision, threads)
+    key = plans.plan_key(precision, threads, memory_retained=retained)
     command = "prune-bench plan " + " ".join(argv if argv is not None else sys.argv[2:])
     plan = plans.new_plan(key, command.strip(), args.rounds, registry.tta)
     plan["variants"] = measure_plan(registry, args.rounds, args.probe_runs)
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     plans.write(path, plan)
 
     print(f"\n{key['cpu_model']} ({key['isa']}), torch {key['torch']}, {precision}, {threads} threads, "
-          f"TTA {registry.tta}; median of {args.rounds} rounds × {args.probe_runs} passes")
+          f"TTA {registry.tta}, freed memory {'retained' if retained else 'returned (glibc defaults)'}; "
+          f"median of {args.rounds} rounds × {args.probe_runs} passes")
     print("| variant | keep | paths | b1 p50 ms | b8 p50 ms | b64 p50 ms | b64 images/s | b64 spread over rounds |")
     print("|---|---|---|---|---|---|---|---|")
     for v in registry.variants:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from core import checkpoint
-from core.hardware import autocast
+from core.hardware import autocast, retain_freed_memory
 from core.model import GatedNet
 from engine.compact import BATCH_BUCKETS, OnnxSession, calibrate, compact, onnxruntime_available
 
@@ -74,9 +74,11 @@ def dense_checkpoint_bytes(model: GatedNet) -> int:
         return checkpoint.save_pruned(model, Path(tmp) / "dense.safetensors")[0]
 
 
-def service_rss(models_dir: str, precision: str, onnx_runtime: bool = True) -> int | None:
-    """Resident memory of a fresh process that loads every variant the way the service does."""
+def service_rss(models_dir: str, precision: str, onnx_runtime: bool = True, retain_memory: bool = True) -> int | None:
+    """Resident memory of a fresh process that loads (and measures) every variant the way the service does."""
     code = ("import sys; from app.registry import Registry, resident_memory_bytes; "
+            "from core.hardware import retain_freed_memory; "
+            f"{retain_memory!r} and retain_freed_memory(); "
             f"r = Registry({models_dir!r}, {precision!r}, probe_runs=3, onnx_runtime={onnx_runtime!r}); r.load(); "
             "sys.exit(r.error) if not r.ready else print(resident_memory_bytes())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -85,6 +87,7 @@ def service_rss(models_dir: str, precision: str, onnx_runtime: bool = True) -> i
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    retained = not args.no_retain_memory and retain_freed_memory()  # as the service runs, before any model loads
     models_dir = Path(args.models_dir)
     manifest = json.loads((models_dir / "manifest.json").read_text())
     entries = manifest["variants"]
@@ -154,15 +157,17 @@ def run(args: argparse.Namespace) -> dict:
                         if ort_run is not None else None),
             "layers": net.describe(), "paths": net.path_summary(),
         })
-    result = {"cpu": machine(), "precision": args.precision, "threads": args.threads, "repeats": args.repeats,
+    result = {"cpu": machine(), "precision": args.precision, "threads": args.threads, "memory_retained": retained,
+              "repeats": args.repeats,
               "seconds": args.seconds, "batches": args.batches, "torch": torch.__version__,
               "reference_checkpoint_bytes": reference_bytes, "dense_images_per_s": speed[dense_entry["name"]],
               "unfolded_images_per_s": speed["unfolded GatedNet"],
               "onnx_images_per_s": speed.get("dense ONNX Runtime"), "variants": rows,
               "dense_name": dense_entry["name"]}
     if not args.no_rss:
-        result["service_rss_bytes"] = service_rss(str(models_dir), args.precision)
-        result["service_rss_bytes_without_onnx"] = service_rss(str(models_dir), args.precision, onnx_runtime=False)
+        result["service_rss_bytes"] = service_rss(str(models_dir), args.precision, retain_memory=retained)
+        result["service_rss_bytes_without_onnx"] = service_rss(str(models_dir), args.precision, onnx_runtime=False,
+                                                               retain_memory=retained)
     return result
 
 
@@ -174,7 +179,8 @@ def _infer(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def render(result: dict) -> str:
     batches = result["batches"]
     onnx = result["onnx_images_per_s"]
-    out = [f"{result['cpu']}; precision {result['precision']}, {result['threads']} threads, "
+    memory = "retained" if result.get("memory_retained") else "returned to the OS (glibc defaults)"
+    out = [f"{result['cpu']}; precision {result['precision']}, {result['threads']} threads, freed memory {memory}, "
            f"median of {result['repeats']} × {result['seconds']:g} s per cell, torch {result['torch']}",
            f"service dense ({result['dense_name']}, compact, BN folded, calibrated) images/s: "
            + ", ".join(f"b{b} {result['dense_images_per_s'][b]:.0f}" for b in batches),
@@ -254,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="*", help="names to include (dense is always included)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime baseline")
     p.add_argument("--no-rss", action="store_true", help="skip the service memory measurement")
+    p.add_argument("--no-retain-memory", action="store_true",
+                   help="glibc's allocator defaults (as RETAIN_FREED_MEMORY=false); see prune-bench memory")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     result = run(args)

@@ -49,18 +49,23 @@ def isa_level(caps: Capabilities) -> str:
     return "baseline"
 
 
-def plan_key(precision: str, threads: int | None = None, caps: Capabilities | None = None) -> dict:
-    """What a plan's figures depend on. Two machines with equal keys run the same kernels."""
+def plan_key(precision: str, threads: int | None = None, caps: Capabilities | None = None,
+             memory_retained: bool = True) -> dict:
+    """What a plan's figures depend on. Two machines with equal keys run the same kernels, with the
+    same allocator behaviour (``memory_retained``: core.hardware.retain_freed_memory applied; glibc's
+    defaults page-fault activations back in every pass, ~1.4x slower at batch 64)."""
     caps = caps or detect()
     return {"cpu_model": caps.cpu_model, "isa": isa_level(caps), "torch": torch.__version__,
-            "precision": precision, "threads": int(threads or torch.get_num_threads())}
+            "precision": precision, "threads": int(threads or torch.get_num_threads()),
+            "memory_retained": bool(memory_retained)}
 
 
 def plan_filename(key: dict) -> str:
     """A readable, filesystem-safe name, e.g. plan-amd-epyc-avx512_bf16-torch2.14.1-bf16-2t.json."""
     cpu = re.sub(r"[^a-z0-9]+", "-", key["cpu_model"].lower()).strip("-")[:60] or "cpu"
     torch_version = re.sub(r"[^A-Za-z0-9.]+", "_", key["torch"])
-    return f"plan-{cpu}-{key['isa']}-torch{torch_version}-{key['precision']}-{key['threads']}t.json"
+    allocator = "" if key.get("memory_retained", True) else "-malloc-default"
+    return f"plan-{cpu}-{key['isa']}-torch{torch_version}-{key['precision']}-{key['threads']}t{allocator}.json"
 
 
 def snapshot(net: CompactNet) -> dict:

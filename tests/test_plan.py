@@ -32,6 +32,9 @@ def test_key_names_the_machine_and_filename_is_safe() -> None:
     assert name.startswith("plan-intel-r-xeon-r-platinum-8480-amx-torch") and name.endswith("-bf16-2t.json")
     assert "/" not in name and " " not in name
     assert plans.plan_filename(plans.plan_key("bf16", 1, AMX)) != name  # threads are part of the key
+    assert key["memory_retained"] is True  # figures measured with glibc's defaults are another plan
+    assert plans.plan_filename(plans.plan_key("bf16", 2, AMX, memory_retained=False)).endswith(
+        "-bf16-2t-malloc-default.json")
 
 
 def _sparse_net():
