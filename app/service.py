@@ -13,8 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import FrameType
 
 import torch
 from fastapi import HTTPException, Request
@@ -50,6 +54,7 @@ class Service:
         self.onnx_files: dict[str, tuple[bytes, bytes]] = {}  # variant → its ONNX export (plain, gzip), made once
 
     async def start(self) -> None:
+        self._hear_exit_signals()
         torch.set_num_threads(self.settings.threads())
         if self.settings.retain_freed_memory:  # before any model is loaded: every buffer is served the same way
             self.memory_retained = retain_freed_memory()
@@ -134,6 +139,24 @@ class Service:
     async def wait_loaded(self) -> None:
         if self._loading is not None:
             await self._loading
+
+    def _hear_exit_signals(self) -> None:
+        """Stop loading and calibration as soon as SIGTERM/SIGINT arrives. uvicorn first waits up to the
+        grace period for accepted requests and only then runs the shutdown that calls ``stop``; a
+        calibration still holding the inference thread meanwhile made those requests miss the grace
+        period (500s on a busy machine). Chains to uvicorn's handler, which it restores at exit."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only (a TestClient runs the app in another)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            if not callable(previous):
+                continue  # no graceful handler to chain to: the default action ends the process anyway
+
+            def heard(signum: int, frame: FrameType | None, previous: Callable = previous) -> None:
+                self.registry.stopping.set()
+                previous(signum, frame)
+
+            signal.signal(sig, heard)
 
     async def stop(self) -> None:
         """Stop loading and calibration at their next step, let accepted requests finish within the
