@@ -48,7 +48,6 @@ class Service:
         self.execution = "loading"  # loading → dense → applying plan | calibrating | waiting for plan → done
         self.plan_source: str | None = None
         self.plan_key: dict = {}
-        self.memory_retained = False
         self._loading: asyncio.Task | None = None
         self.plot_cache: tuple[str, bytes] | None = None  # (the figures it shows, the PNG)
         self.onnx_files: dict[str, tuple[bytes, bytes]] = {}  # variant → its ONNX export (plain, gzip), made once
@@ -56,12 +55,11 @@ class Service:
     async def start(self) -> None:
         self._hear_exit_signals()
         torch.set_num_threads(self.settings.threads())
-        if self.settings.retain_freed_memory:  # before any model is loaded: every buffer is served the same way
-            self.memory_retained = retain_freed_memory()
-            if not self.memory_retained:
-                log.info("freed memory goes back to the OS (no glibc mallopt here, or MALLOC_* / GLIBC_TUNABLES set)")
-        self.plan_key = plans.plan_key(self.registry.precision, torch.get_num_threads(),
-                                       memory_retained=self.memory_retained)
+        # Before any model is loaded, so every buffer is served the same way.
+        retained = self.settings.retain_freed_memory and retain_freed_memory()
+        if self.settings.retain_freed_memory and not retained:
+            log.info("freed memory goes back to the OS (no glibc mallopt here, or MALLOC_* / GLIBC_TUNABLES set)")
+        self.plan_key = plans.plan_key(self.registry.precision, torch.get_num_threads(), memory_retained=retained)
         # Load in the inference thread so /health answers (and signals are heard) meanwhile.
         self._loading = asyncio.get_running_loop().create_task(self._load())
 

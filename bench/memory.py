@@ -42,6 +42,7 @@ def child(args: argparse.Namespace) -> dict:
     models_dir = Path(args.models_dir)
     manifest = json.loads((models_dir / "manifest.json").read_text())
     x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    tta = manifest.get("tta", 0)
     base_cache: dict = {}
     result = {}
     for entry in (e for e in manifest["variants"] if e["name"] in args.variants):
@@ -52,12 +53,12 @@ def child(args: argparse.Namespace) -> dict:
         calibrate(net)
         with torch.inference_mode():
             for _ in range(3):  # warm-up: oneDNN primitives, and glibc's adaptive threshold settles
-                tta_logits(net, x, manifest.get("tta", 0))
+                tta_logits(net, x, tta)
             times, faults = [], []
             for _ in range(args.passes):
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 began = time.perf_counter()
-                tta_logits(net, x, manifest.get("tta", 0))
+                tta_logits(net, x, tta)
                 times.append(time.perf_counter() - began)
                 faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         result[entry["name"]] = {"ms": statistics.median(times) * 1e3, "faults": statistics.median(faults)}
@@ -115,10 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="processes per mode")
     p.add_argument("--child", choices=MODES, dest="mode", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.precision == "auto":
-        from core.hardware import detect
+    from app.settings import Settings
 
-        args.precision = "bf16" if detect().cpu_native_bf16 else "fp32"
+    args.precision = Settings(precision=args.precision).inference_precision()  # auto: the service's rule
     if args.mode:
         print(json.dumps(child(args)), flush=True)
         return 0

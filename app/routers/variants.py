@@ -30,7 +30,7 @@ async def variants(service: Service = Depends(get_ready_service)) -> dict:
     return {"classes": registry.classes, "precision": registry.precision, "tta": registry.tta,
             "resident_memory_bytes": resident_memory_bytes(),
             "execution": {"status": service.execution, "plan": service.plan_source, "key": service.plan_key,
-                          "threads": torch.get_num_threads(), "memory_retained": service.memory_retained,
+                          "threads": torch.get_num_threads(), "memory_retained": service.plan_key["memory_retained"],
                           "auto_speed_basis": basis},
             "variants": [{**v.describe(), "pareto": v.name in pareto} for v in registry.variants]}
 
