@@ -52,6 +52,8 @@ def main() -> None:
                    help="weight variants: share of the steps over which the kept share falls to the target")
     p.add_argument("--lookahead", type=int, nargs="+", choices=(0, 1), default=[int(PruneConfig().lookahead)],
                    help="phase 1's lookahead EMA during phase 2 (0 off, 1 on; both: one run each)")
+    p.add_argument("--teacher-tta", type=int, nargs="+", choices=(0, 1, 2), default=[PruneConfig().teacher_tta],
+                   help="TTA level of the teacher's logits (0 = the plain batch)")
     p.add_argument("--distill", type=float, nargs="+", default=[PruneConfig().distill],
                    help="weights of the distillation term to try (0 = labels only, 1 = teacher only)")
     p.add_argument("--rankings", nargs="+", choices=CHANNEL_RANKINGS, default=["mass"],
@@ -84,12 +86,12 @@ def main() -> None:
     gate_lrs = args.gate_lrs if args.granularity == "weight" else [0.0]
     final_masks = {}
     shares = args.prune_shares if args.granularity == "weight" else [PruneConfig().prune_share]
-    for ranking, steps, distill, gate_lr, share, ema in itertools.product(rankings, args.steps, args.distill, gate_lrs,
-                                                                          shares, args.lookahead):
+    for ranking, steps, distill, gate_lr, share, ema, tta in itertools.product(
+            rankings, args.steps, args.distill, gate_lrs, shares, args.lookahead, args.teacher_tta):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
-                       lookahead=bool(ema))
+                       lookahead=bool(ema), teacher_tta=tta)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking])
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
@@ -97,11 +99,12 @@ def main() -> None:
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
             masks = prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, criterion=ranking), 0,
                                    teacher=teacher, floor=0.002)
-            final_masks[(ranking, steps, distill, gate_lr, share, ema)] = flat_mask(masks)
+            final_masks[(ranking, steps, distill, gate_lr, share, ema, tta)] = flat_mask(masks)
         recalibrate_bn(model, calib, precision=precision)
         val = accuracy(model, val_x, val_y, precision=precision)
         gates = f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}" if args.granularity == "weight" else ""
         print(f"{args.granularity} keep {args.keep:g}, {ranking}, {steps} steps, lr {args.lr:g}, distill {distill:g}"
+              f" (teacher TTA {tta})"
               f"{gates}: validation {val:.2f} % (drop {dense_val - val:.2f}) in {time.perf_counter() - began:.0f} s",
               flush=True)
     if final_masks:  # how much the survivors depend on the gates (and on the schedule) at all
@@ -109,7 +112,7 @@ def main() -> None:
         runs = list(final_masks.items())
         for i, (setting, mask) in enumerate(runs):
             overlap = (mask & reference).sum().item() / reference.sum().item()
-            print(f"survivors of (criterion, steps, distill, gate lr, share, lookahead) = {setting}: "
+            print(f"survivors of (criterion, steps, distill, gate lr, share, lookahead, teacher TTA) = {setting}: "
                   f"share also in one-shot |W| top-K {overlap:.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:
                 print(f"  ... also in {other}'s: {(mask & other_mask).sum().item() / mask.sum().item():.3f}",

@@ -119,6 +119,7 @@ def test_phase1_with_frozen_gates_leaves_scores_and_trains_weights() -> None:
                                   PruneConfig(steps=6, gradual=True, gate_lr=0.0),
                                   PruneConfig(steps=6, gradual=True, gate_lr=0.05, criterion="lamp"),
                                   PruneConfig(steps=10, gradual=True, gate_lr=0.05, lookahead=True),
+                                  PruneConfig(steps=6, gradual=True, gate_lr=0.05, teacher_tta=1),
                                   PruneConfig(steps=6, gradual=False)])
 def test_phase2_ends_at_exactly_k_weights_and_distills(pcfg: PruneConfig) -> None:
     torch.manual_seed(0)
@@ -146,6 +147,27 @@ def test_phase2_lookahead_averages_the_fine_tuned_weights() -> None:
         finals.append(model.block2.conv2.effective_weight().detach())
     # Same data, seed and masks schedule: only the averaging differs, and it changes the result.
     assert finals[0].shape == finals[1].shape and not torch.equal(finals[0], finals[1])
+
+
+def test_phase2_distills_from_the_teachers_tta_logits() -> None:
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    torch.manual_seed(1)
+    teacher = tiny_model().eval()
+    finals, views = [], []
+    for level in (0, 1):
+        torch.manual_seed(0)
+        model = tiny_model()
+        calls = []
+        handle = teacher.register_forward_hook(lambda module, args, out, calls=calls: calls.append(args[0].shape[0]))
+        prune_finetune(model, images, labels, 0.3, TrainConfig(batch_size=8),
+                       PruneConfig(steps=4, distill=1.0, teacher_tta=level), seed=0, teacher=teacher)
+        handle.remove()
+        finals.append(model.block2.conv2.effective_weight().detach())
+        views.append(len(calls))
+    # prune_finetune distils from a copy of the teacher: the hook travels with it. Level 1 runs the teacher
+    # on each batch and its mirror, and the averaged targets change what the student learns.
+    assert views == [4, 8]
+    assert not torch.equal(finals[0], finals[1])
 
 
 def test_phase2_refuses_a_criterion_it_cannot_rank_by() -> None:
