@@ -151,7 +151,7 @@ def test_a_failing_calibration_falls_back_to_dense(models_dir: Path, monkeypatch
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 LIVE_BUFFERS = """
-import resource, sys, torch
+import json, resource, sys, torch
 from core.hardware import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "retain" else False
 def live_buffers():  # three 16 MiB buffers alive at once, like one pass's activations
@@ -159,32 +159,38 @@ def live_buffers():  # three 16 MiB buffers alive at once, like one pass's activ
     return sum(b.sum() for b in buffers)
 for _ in range(3):
     live_buffers()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []  # page faults of each of 10 passes
 for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     live_buffers()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps([applied, faults]))
 """
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are glibc's")
 def test_retained_memory_serves_repeated_buffers_without_page_faults() -> None:
-    """What RETAIN_FREED_MEMORY is for: glibc's defaults fault every reused buffer back in; retained, none."""
+    """What RETAIN_FREED_MEMORY is for: buffers freed and allocated again on every pass are not faulted back in."""
     import subprocess
     import sys
 
-    def run(mode: str, **env: str) -> tuple[str, int]:
+    def run(mode: str, **env: str) -> tuple[bool, list[int]]:
         done = subprocess.run([sys.executable, "-c", LIVE_BUFFERS, mode], capture_output=True, text=True, check=True,
                               env={**os.environ, **env})
-        applied, faults = done.stdout.split()
-        return applied, int(faults)
+        applied, faults = json.loads(done.stdout)
+        return applied, faults
 
-    applied, retained_faults = run("retain")
-    default_applied, default_faults = run("default")
-    assert applied == "True" and default_applied == "False"
-    # glibc's defaults: thousands of faults per 16 MiB buffer and pass; retained: none per pass (the heap may
-    # still grow once, e.g. 8,192 under a busy CI machine)
-    assert default_faults > 10 * 3 * 1000 and retained_faults < default_faults / 5
-    assert run("retain", MALLOC_TRIM_THRESHOLD_="131072")[0] == "False"  # the operator's own choice stands
+    applied, retained = run("retain")
+    # The reference: glibc with its mmap threshold fixed below the buffer size mmaps every buffer and faults all
+    # of its pages back in on every pass (4,096 per buffer). glibc's own default does that in some processes and
+    # not in others: its threshold moves with what the process freed before (measured: 8,160 faults per pass,
+    # or none after the second pass), which is why the service does not leave it to chance.
+    reference_applied, mmapped = run("default", MALLOC_MMAP_THRESHOLD_="1048576")
+    assert applied is True and reference_applied is False
+    assert min(mmapped) >= 3 * 4000, mmapped
+    # Retained: no pass pays for its buffers again; the heap may grow once or twice (4,096 faults each).
+    assert sum(retained) <= 2 * 4096 + 200 and sum(1 for f in retained if f > 200) <= 2, retained
+    assert run("retain", MALLOC_TRIM_THRESHOLD_="131072")[0] is False  # the operator's own choice stands
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are glibc's")
