@@ -16,6 +16,8 @@ are not touched.
         --keep 0.1 --steps 200 --gate-lrs 0.01 0      # learned vs frozen gates: accuracy and mask overlap
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.05 --steps 600 --criteria lamp       # layer-adaptive (LAMP) instead of global |W·sigmoid(S)|
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.05 --steps 600 --teacher-tta 0 1     # distil from the teacher's mirror-averaged logits
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from core import checkpoint
 from core.hardware import select_device, select_precision
+from core.model import TTA_LEVELS
 from training.data import channel_stats, load_dataset, normalize, split_validation
 from training.prune import CHANNEL_RANKINGS, channel_masks, channel_ranking_scores, flat_mask, importance, topk_masks
 from training.train import PHASE2_CRITERIA, PruneConfig, TrainConfig, accuracy, prune_finetune, recalibrate_bn
@@ -52,7 +55,7 @@ def main() -> None:
                    help="weight variants: share of the steps over which the kept share falls to the target")
     p.add_argument("--lookahead", type=int, nargs="+", choices=(0, 1), default=[int(PruneConfig().lookahead)],
                    help="phase 1's lookahead EMA during phase 2 (0 off, 1 on; both: one run each)")
-    p.add_argument("--teacher-tta", type=int, nargs="+", choices=(0, 1, 2), default=[PruneConfig().teacher_tta],
+    p.add_argument("--teacher-tta", type=int, nargs="+", choices=TTA_LEVELS, default=[PruneConfig().teacher_tta],
                    help="TTA level of the teacher's logits (0 = the plain batch)")
     p.add_argument("--distill", type=float, nargs="+", default=[PruneConfig().distill],
                    help="weights of the distillation term to try (0 = labels only, 1 = teacher only)")
