@@ -42,17 +42,14 @@ def port_problem(host: str, port: int) -> str | None:
 
 def check(settings: Settings) -> int:
     """Verify and load every variant (with the matching execution plan, if any), print the table."""
-    import torch
-
-    from core.hardware import retain_freed_memory
+    from app.service import configure_process
     from engine import plan as plans
 
-    torch.set_num_threads(settings.threads())
-    retained = settings.retain_freed_memory and retain_freed_memory()  # as the service would run
+    key = configure_process(settings, settings.inference_precision())  # threads and allocator as the service's
     logging.getLogger("app.registry").setLevel(logging.CRITICAL)  # its problems are printed below, once
     registry = Registry(settings.models_dir, settings.inference_precision(), probe_runs=3,
                         onnx_runtime=settings.onnx_runtime)
-    found = plans.find(settings.plan_directories(), plans.plan_key(registry.precision, memory_retained=retained))
+    found = plans.find(settings.plan_directories(), key)
     plan, source = (found[0], str(found[1])) if found else (None, "")
     registry.load(plan, source)
     if not registry.ready:

@@ -36,6 +36,16 @@ log = logging.getLogger("app.service")
 PLAN_POLL_S = 0.5  # how often a worker waiting for another's calibration looks for its plan
 
 
+def configure_process(settings: Settings, precision: str) -> dict:
+    """Threads and allocator as the service runs, set before any model is loaded (so every buffer is
+    served the same way); returns the execution-plan key they imply. ``prune-serve --check`` shares it."""
+    torch.set_num_threads(settings.threads())
+    retained = settings.retain_freed_memory and retain_freed_memory()
+    if settings.retain_freed_memory and not retained:
+        log.info("freed memory goes back to the OS (no glibc mallopt here, or MALLOC_* / GLIBC_TUNABLES set)")
+    return plans.plan_key(precision, torch.get_num_threads(), memory_retained=retained)
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -54,12 +64,7 @@ class Service:
 
     async def start(self) -> None:
         self._hear_exit_signals()
-        torch.set_num_threads(self.settings.threads())
-        # Before any model is loaded, so every buffer is served the same way.
-        retained = self.settings.retain_freed_memory and retain_freed_memory()
-        if self.settings.retain_freed_memory and not retained:
-            log.info("freed memory goes back to the OS (no glibc mallopt here, or MALLOC_* / GLIBC_TUNABLES set)")
-        self.plan_key = plans.plan_key(self.registry.precision, torch.get_num_threads(), memory_retained=retained)
+        self.plan_key = configure_process(self.settings, self.registry.precision)
         # Load in the inference thread so /health answers (and signals are heard) meanwhile.
         self._loading = asyncio.get_running_loop().create_task(self._load())
 
