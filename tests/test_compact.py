@@ -10,7 +10,16 @@ from torch import nn
 
 from core import checkpoint
 from engine import compact as compact_module
-from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, choose_path, compact, interleaved_medians
+from engine.compact import (
+    BATCH_BUCKETS,
+    POOL_SLICES_MIN_ELEMENTS,
+    CompactNet,
+    calibrate,
+    choose_path,
+    compact,
+    interleaved_medians,
+    max_pool_2x2,
+)
 from tests.conftest import tiny_model
 from training.prune import (
     channel_counts,
@@ -350,3 +359,37 @@ def test_edge_export_is_verified_and_runs_in_onnx_runtime(tmp_path) -> None:
             assert torch.allclose(torch.from_numpy(got), masked(x), atol=TOL)
     channel = tmp_path / "onnx" / "channel-keep0.50.onnx"
     assert channel.stat().st_size < (tmp_path / "onnx" / "dense.onnx").stat().st_size  # narrower: smaller file
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 8, 32, 32), (4, 64, 32, 32), (2, 64, 33, 32), (8, 128, 16, 16)])
+def test_max_pool_2x2_equals_max_pool2d_on_both_routes(dtype: torch.dtype, shape: tuple) -> None:
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, 0] = float("nan")  # NaN wins its window in both
+    x[0, 1, 2:4, 2:4] = float("-inf")
+    expected = torch.nn.functional.max_pool2d(x, 2)
+    got = max_pool_2x2(x)
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_large_batches_pool_by_slices_and_the_export_keeps_maxpool(monkeypatch) -> None:
+    """The slices route is the one large batches take (max_pool2d is not called), and an ONNX trace of
+    the same batch still records the MaxPool operator, not the views."""
+    onnx = pytest.importorskip("onnx")
+    model = _with_bn_statistics(tiny_model(6))
+    net = compact(model)
+    x = torch.randn(POOL_SLICES_MIN_ELEMENTS // (net.convs[1].weight.shape[0] * 32 * 32) + 1, 3, 32, 32)
+    expected = net(x)
+    called = []
+    real = torch.nn.functional.max_pool2d
+    monkeypatch.setattr(compact_module.F, "max_pool2d", lambda *a, **k: called.append(1) or real(*a, **k))
+    assert torch.allclose(net(x), expected, atol=0, rtol=0)
+    assert len(called) < sum(conv.pool for conv in net.convs)  # at least the first pool went by slices
+    monkeypatch.undo()
+    graph = onnx.load_from_string(compact_module.onnx_bytes(compact_module.dense_graph(net), x))
+    ops = [node.op_type for node in graph.graph.node]
+    assert ops.count("MaxPool") == sum(conv.pool for conv in net.convs)
+
