@@ -10,6 +10,8 @@ are not touched.
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --keep 0.625 --steps 300 900
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --keep 0.5 --steps 0 60 \
         --rankings mass taylor
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --keep 0.5 --steps 300 \
+        --rankings taylor --allocations uniform cost    # same MACs, channels spent where Taylor says
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --baseline models/variants/gate_magnitude-keep0.10-ft.safetensors
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
@@ -34,7 +36,18 @@ from core import checkpoint
 from core.hardware import select_device, select_precision
 from core.model import TTA_LEVELS
 from training.data import channel_stats, load_dataset, normalize, split_validation
-from training.prune import CHANNEL_RANKINGS, channel_masks, channel_ranking_scores, flat_mask, importance, topk_masks
+from training.prune import (
+    CHANNEL_ALLOCATIONS,
+    CHANNEL_RANKINGS,
+    channel_allocation,
+    channel_counts,
+    channel_masks,
+    channel_ranking_scores,
+    conv_macs,
+    flat_mask,
+    importance,
+    topk_masks,
+)
 from training.train import PHASE2_CRITERIA, PruneConfig, TrainConfig, accuracy, prune_finetune, recalibrate_bn
 
 
@@ -61,6 +74,9 @@ def main() -> None:
                    help="weights of the distillation term to try (0 = labels only, 1 = teacher only)")
     p.add_argument("--rankings", nargs="+", choices=CHANNEL_RANKINGS, default=["mass"],
                    help="channel ranking: weight mass that reads the channel, or first-order Taylor")
+    p.add_argument("--allocations", nargs="+", choices=CHANNEL_ALLOCATIONS, default=["uniform"],
+                   help="channel widths: keep × every layer (uniform), or the same MACs spread by Taylor score "
+                        "per multiply-add (cost; channel_allocation)")
     p.add_argument("--ranking-images", type=int, default=2000, help="labelled training images for taylor")
     p.add_argument("--baseline", help="a shipped checkpoint of the same seed to report alongside "
                                       "(e.g. models/variants/channel-keep0.625-ft.safetensors: 300 steps)")
@@ -85,18 +101,29 @@ def main() -> None:
         print(f"{args.baseline}: validation {val:.2f} % (drop {dense_val - val:.2f})", flush=True)
     rankings = args.rankings if args.granularity == "channel" else args.criteria
     scores = {r: channel_ranking_scores(teacher, r, rank_x, rank_y, precision)  # depend on the teacher alone
-              for r in rankings if args.granularity == "channel"}
+              for r in {*rankings, *(["taylor"] if "cost" in args.allocations else [])}
+              if args.granularity == "channel"}
+    allocations = args.allocations if args.granularity == "channel" else ["uniform"]
+    widths = {"uniform": None}
+    if "cost" in allocations:
+        widths["cost"] = channel_allocation(teacher, args.keep, scores["taylor"])
+    dense_macs = conv_macs(teacher, {name: conv.out_channels for name, conv, _, _ in teacher.conv_chain()})
+    for allocation in allocations if args.granularity == "channel" else []:
+        shown = widths[allocation] or {name: channel_counts(conv.out_channels, args.keep)
+                                       for name, conv, _, _ in teacher.conv_chain()}
+        print(f"{allocation} widths: channels {list(shown.values())}, "
+              f"{conv_macs(teacher, shown) / dense_macs:.3f} of dense MACs", flush=True)
     gate_lrs = args.gate_lrs if args.granularity == "weight" else [0.0]
     final_masks = {}
     shares = args.prune_shares if args.granularity == "weight" else [PruneConfig().prune_share]
-    for ranking, steps, distill, gate_lr, share, ema, tta in itertools.product(
-            rankings, args.steps, args.distill, gate_lrs, shares, args.lookahead, args.teacher_tta):
+    for allocation, ranking, steps, distill, gate_lr, share, ema, tta in itertools.product(
+            allocations, rankings, args.steps, args.distill, gate_lrs, shares, args.lookahead, args.teacher_tta):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
                        lookahead=bool(ema), teacher_tta=tta)
         if args.granularity == "channel":
-            masks = channel_masks(model, args.keep, scores[ranking])
+            masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
                            teacher=teacher, masks=masks)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
@@ -106,7 +133,9 @@ def main() -> None:
         recalibrate_bn(model, calib, precision=precision)
         val = accuracy(model, val_x, val_y, precision=precision)
         gates = f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}" if args.granularity == "weight" else ""
-        print(f"{args.granularity} keep {args.keep:g}, {ranking}, {steps} steps, lr {args.lr:g}, distill {distill:g}"
+        shape = f", {allocation} widths" if args.granularity == "channel" else ""
+        print(f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
+              f"distill {distill:g}"
               f" (teacher TTA {tta})"
               f"{gates}: validation {val:.2f} % (drop {dense_val - val:.2f}) in {time.perf_counter() - began:.0f} s",
               flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -393,3 +394,31 @@ def test_large_batches_pool_by_slices_and_the_export_keeps_maxpool(monkeypatch) 
     ops = [node.op_type for node in graph.graph.node]
     assert ops.count("MaxPool") == sum(conv.pool for conv in net.convs)
 
+
+def test_cost_allocation_fits_the_uniform_budget_and_spends_it_where_scores_are_high() -> None:
+    """channel_allocation: the conv chain's MACs fit uniform keep's, widths stay multiples of 8 and above
+    the floor, a layer whose channels all matter keeps them, one whose channels never matter is cut to
+    its floor, and channel_masks keeps exactly the allocated channels (the compact net is that wide)."""
+    from core.model import GatedNet
+    from training.prune import channel_allocation, conv_macs
+
+    model = _with_bn_statistics(GatedNet())
+    chain = model.conv_chain()
+    dense = {name: conv.out_channels for name, conv, _, _ in chain}
+    generator = torch.Generator().manual_seed(0)
+    scores = {name: torch.rand(c, generator=generator) for name, c in dense.items()}
+    scores["block3.conv2"] += 1e6  # every channel of the cheap 4×4 layer matters
+    scores["block2.conv2"].zero_()  # none of this one does
+    for keep in (0.75, 0.5):
+        counts = channel_allocation(model, keep, scores)
+        uniform = conv_macs(model, {name: channel_counts(c, keep) for name, c in dense.items()})
+        assert conv_macs(model, counts) <= uniform
+        assert all(c % 8 == 0 and c >= max(8, dense[name] // 4) for name, c in counts.items())
+        assert counts["block3.conv2"] == 256 and counts["block2.conv2"] == 64
+        masks = channel_masks(model, keep, scores, counts)
+        pruned = copy.deepcopy(model)
+        pruned.set_masks(masks)
+        net = compact(pruned)
+        assert [conv.weight.shape[0] for conv in net.convs] == list(counts.values())
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.allclose(net(x), pruned(x), atol=TOL, rtol=0)

@@ -242,9 +242,57 @@ def channel_ranking_scores(model: GatedNet, ranking: str, images: Tensor, labels
     return taylor_channel_importance(model, images, labels, precision=precision)
 
 
-def channel_masks(model: GatedNet, keep: float, scores: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+CHANNEL_ALLOCATIONS = ("uniform", "cost")
+
+
+def conv_macs(model: GatedNet, counts: dict[str, int], input_hw: tuple[int, int] = (32, 32)) -> int:
+    """Multiply-adds per image of the conv chain with ``counts`` output channels per conv (what a
+    channel variant computes once compacted; the head's few are left out)."""
+    total, (h, w), in_ch = 0, input_hw, model.stem.in_channels
+    for name, conv, _, pool in model.conv_chain():
+        total += h * w * conv.kernel_size[0] * conv.kernel_size[1] * in_ch * counts[name]
+        in_ch = counts[name]
+        if pool:
+            h, w = h // 2, w // 2
+    return total
+
+
+def channel_allocation(model: GatedNet, keep: float, scores: dict[str, Tensor], group: int = 8,
+                       min_share: float = 0.25) -> dict[str, int]:
+    """Channels per conv for a variant with the compute of uniform ``keep``, spent where the scores say.
+
+    Starts from every channel and removes ``group`` channels at a time (multiples of 8 keep the fast
+    kernels' blocking) from the layer whose next ``group`` lowest-scored channels cost the least score
+    per multiply-add saved, until the conv chain's MACs fit those of ``keep`` applied to every layer.
+    The scores must be comparable across layers (the Taylor ranking estimates loss, the weight mass
+    does not). No layer goes below ``min_share`` of its channels (nor below one group).
+    """
+    chain = model.conv_chain()
+    dense = {name: conv.out_channels for name, conv, _, _ in chain}
+    budget = conv_macs(model, {name: channel_counts(c, keep) for name, c in dense.items()})
+    ascending = {name: torch.sort(scores[name].float(), stable=True).values for name in dense}
+    counts = dict(dense)
+    while conv_macs(model, counts) > budget:
+        best, best_ratio = None, math.inf
+        for name, c in counts.items():
+            if c - group < max(group, math.ceil(min_share * dense[name])):
+                continue
+            removed = dense[name] - c
+            cost = ascending[name][removed:removed + group].sum().item()
+            saved = conv_macs(model, counts) - conv_macs(model, {**counts, name: c - group})
+            if cost / saved < best_ratio:
+                best, best_ratio = name, cost / saved
+        if best is None:
+            break  # every layer at its floor: the nearest this budget allows
+        counts[best] -= group
+    return counts
+
+
+def channel_masks(model: GatedNet, keep: float, scores: dict[str, Tensor] | None = None,
+                  counts: dict[str, int] | None = None) -> dict[str, Tensor]:
     """Weight masks (layer name → bool, weight-shaped) that keep the top channels of every conv
-    (ranked by ``scores``, per conv layer one score per output channel; default: ``channel_importance``).
+    (ranked by ``scores``, per conv layer one score per output channel; default: ``channel_importance``):
+    ``counts[layer]`` of them where given (``channel_allocation``), else ``channel_counts(C, keep)``.
 
     A pruned channel j of layer i loses its filter (row j of layer i) and its readers (input j of
     layer i+1, or column j of the head), so its BatchNorm constant never reaches the output.
@@ -253,7 +301,8 @@ def channel_masks(model: GatedNet, keep: float, scores: dict[str, Tensor] | None
     kept = {}
     for name, layer_scores in (channel_importance(model) if scores is None else scores).items():
         alive = torch.zeros(layer_scores.numel(), dtype=torch.bool)
-        alive[_stable_top(layer_scores, channel_counts(layer_scores.numel(), keep))] = True
+        count = counts[name] if counts is not None else channel_counts(layer_scores.numel(), keep)
+        alive[_stable_top(layer_scores, count)] = True
         kept[name] = alive
     masks = {name: torch.ones(layer.weight.shape, dtype=torch.bool) for name, layer in model.gated_layers()}
     consumers = [name for name, _, _, _ in chain[1:]] + ["head"]
