@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pr.add_argument("--channel-lr", type=float, default=prune_defaults.lr, help="its peak lr, multiple of --lr")
     pr.add_argument("--channel-ranking", choices=CHANNEL_RANKINGS, default="taylor",
                     help="which channels a layer keeps: the largest first-order Taylor estimate of the loss "
-                         "change on --calib-images labelled training images (taylor; +0.34 to +0.54 validation "
+                         "change on --calib-images labelled training images (taylor; +0.22 to +0.54 validation "
                          "points over mass after the 300-step fine-tune, docs/training.md), or the most weight "
                          "mass reading them (mass)")
     ev = p.add_argument_group("evaluation")

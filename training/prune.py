@@ -2,7 +2,8 @@
 
 weight   exactly ``round(keep × N)`` prunable weights survive (N = all prunable weights), ranked by an
          importance criterion across the network (or per layer).
-channel  every conv layer keeps exactly ``max(1, round(keep × C))`` of its C output channels; a
+channel  every conv layer keeps exactly ``max(1, round(keep × C))`` of its C output channels (or the
+         widths ``channel_allocation`` spreads over the same MACs, an option measured to lose); a
          pruned channel's producing filter and every weight that reads it are masked, so the masked
          network equals a physically narrower one (engine/compact.py slices it).
 Ties break by position (layer order, then flat index) through a stable sort, so the same scores
