@@ -49,9 +49,9 @@ from engine.sparse_kernels import DirectSparseConv
 
 PATHS = ("dense", "sparse", "direct")
 # From this many elements on, a 2×2 max-pool runs as the maximum of four strided views instead of
-# max_pool2d, whose channels-last CPU kernel is slow on large tensors: per 64-image batch at TTA 2,
-# 141 vs 147 ms for dense and 42 vs 46 ms for channel keep 0.5 (bf16, AMD EPYC, 2 threads). Below
-# it (batch 1, 8) the four extra operator calls cost more than they save.
+# max_pool2d, which also writes an int64 index per output: per 64-image batch at TTA 2 that saved
+# 0-7 % with freed memory retained (as served) and 5-11 % with glibc's defaults (bf16, AMD EPYC, 2
+# threads; docs/engine.md). Below it (batch 1, 8) the four extra operator calls cost more than they save.
 POOL_SLICES_MIN_ELEMENTS = 1 << 19
 # ONNX Runtime is tried up to this batch size. Its win is lower per-operator overhead (~1.9x dense
 # PyTorch at batch 1 here); at batch 64 oneDNN is as fast, and without a per-session arena (see
