@@ -104,15 +104,13 @@ def main() -> None:
               for r in {*rankings, *(["taylor"] if "cost" in args.allocations else [])}
               if args.granularity == "channel"}
     allocations = args.allocations if args.granularity == "channel" else ["uniform"]
-    widths = {"uniform": None}
+    dense = {name: conv.out_channels for name, conv, _, _ in teacher.conv_chain()}
+    widths = {"uniform": {name: channel_counts(c, args.keep) for name, c in dense.items()}}
     if "cost" in allocations:
         widths["cost"] = channel_allocation(teacher, args.keep, scores["taylor"])
-    dense_macs = conv_macs(teacher, {name: conv.out_channels for name, conv, _, _ in teacher.conv_chain()})
     for allocation in allocations if args.granularity == "channel" else []:
-        shown = widths[allocation] or {name: channel_counts(conv.out_channels, args.keep)
-                                       for name, conv, _, _ in teacher.conv_chain()}
-        print(f"{allocation} widths: channels {list(shown.values())}, "
-              f"{conv_macs(teacher, shown) / dense_macs:.3f} of dense MACs", flush=True)
+        print(f"{allocation} widths: channels {list(widths[allocation].values())}, "
+              f"{conv_macs(teacher, widths[allocation]) / conv_macs(teacher, dense):.3f} of dense MACs", flush=True)
     gate_lrs = args.gate_lrs if args.granularity == "weight" else [0.0]
     final_masks = {}
     shares = args.prune_shares if args.granularity == "weight" else [PruneConfig().prune_share]

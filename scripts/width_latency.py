@@ -2,10 +2,10 @@
 
 Builds the compact network (engine/compact.py) of GatedNet with the given output channels per conv (stem,
 block1.conv1, …, block3.conv2; random weights: only the shapes matter), times the service's forward pass
-(TTA 2, 64 images; the fastest of 3 interleaved rounds' medians) for dense, uniform keep 0.5, the
-profiles given and --random more, and fits ms = a × million MACs + b × thousand activations + c over
-all of them (activations: conv outputs per image, before pooling; the elementwise work of BN, GELU and
-pooling scales with them).
+(TTA 2, 64 images; the median of 9 interleaved rounds, engine.compact.interleaved_medians) for dense,
+uniform keep 0.5, the profiles given and --random more, and fits ms = a × million MACs + b × thousand
+activations + c over all of them (activations: conv outputs per image, before pooling; the elementwise
+work of BN, GELU and pooling scales with them).
 
     python scripts/width_latency.py 24,40,56,64,144,80,248      # channel_allocation's keep-0.5 widths
 """
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
 
 import torch
 
 from bench.speed import machine
 from core.hardware import retain_freed_memory
 from core.model import GatedNet, tta_logits
-from engine.compact import compact
+from engine.compact import compact, interleaved_medians
 from training.prune import channel_masks, conv_macs
 
 
@@ -33,22 +32,12 @@ def activations(model: GatedNet, counts: dict[str, int]) -> int:
     return total
 
 
-def median_ms(run, repeats: int = 5) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - began)
-    return sorted(times)[repeats // 2] * 1e3
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("profiles", nargs="*", help="comma-separated output channels of the 7 convs")
     p.add_argument("--random", type=int, default=11, help="random profiles (multiples of 8) to fit over")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each profile's fastest median counts")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds; each profile's median counts")
     args = p.parse_args()
     retain_freed_memory()  # as the service runs: no page faults on every pass (docs/engine.md)
     model = GatedNet().eval()
@@ -60,18 +49,17 @@ def main() -> None:
     x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     order = {name: torch.arange(c, 0, -1).float() for name, c in zip(names, dense)}
-    nets = []
-    for widths in profiles:
+    runs = {}
+    for index, widths in enumerate(profiles):
         pruned = GatedNet().eval()
         pruned.set_masks(channel_masks(pruned, 1.0, order, dict(zip(names, widths))))
-        nets.append(compact(pruned).to(dtype))
-    timings: list[list[float]] = [[] for _ in profiles]
-    with torch.inference_mode():
-        for _ in range(args.rounds):  # interleaved: drift in the machine's speed falls on every profile alike
-            for net, times in zip(nets, timings):
-                times.append(median_ms(lambda net=net: tta_logits(net, x, 2)))
-    rows = [(widths, conv_macs(model, dict(zip(names, widths))), activations(model, dict(zip(names, widths))),
-             min(times)) for widths, times in zip(profiles, timings)]
+        net = compact(pruned).to(dtype)
+        runs[index] = lambda net=net: tta_logits(net, x, 2)
+    with torch.inference_mode():  # the engine's own timer: rounds interleaved, so drift falls on all alike
+        seconds = interleaved_medians(runs, rounds=args.rounds)
+    counts = [dict(zip(names, widths)) for widths in profiles]
+    rows = [(widths, conv_macs(model, c), activations(model, c), seconds[i] * 1e3)
+            for i, (widths, c) in enumerate(zip(profiles, counts))]
     design = torch.tensor([[m / 1e6, a / 1e3, 1.0] for _, m, a, _ in rows], dtype=torch.float64)
     measured = torch.tensor([t for *_, t in rows], dtype=torch.float64)
     a, b, c = torch.linalg.lstsq(design, measured.unsqueeze(1)).solution.squeeze().tolist()

@@ -273,14 +273,14 @@ def channel_allocation(model: GatedNet, keep: float, scores: dict[str, Tensor], 
     budget = conv_macs(model, {name: channel_counts(c, keep) for name, c in dense.items()})
     ascending = {name: torch.sort(scores[name].float(), stable=True).values for name in dense}
     counts = dict(dense)
-    while conv_macs(model, counts) > budget:
+    while (current := conv_macs(model, counts)) > budget:
         best, best_ratio = None, math.inf
         for name, c in counts.items():
             if c - group < max(group, math.ceil(min_share * dense[name])):
                 continue
             removed = dense[name] - c
             cost = ascending[name][removed:removed + group].sum().item()
-            saved = conv_macs(model, counts) - conv_macs(model, {**counts, name: c - group})
+            saved = current - conv_macs(model, {**counts, name: c - group})
             if cost / saved < best_ratio:
                 best, best_ratio = name, cost / saved
         if best is None:
