@@ -4,8 +4,9 @@ Each variant has a queue and one collector task. When the variant is idle, the c
 the first request at once, together with whatever is already queued (up to MAX_BATCH images):
 requests are only batched when they arrived while the previous forward pass was running, as in
 Triton's dynamic batcher with no queue delay. MAX_WAIT_MS > 0 brings back a batching window (wait
-that long for more requests before dispatching). The forward pass runs in a worker thread, never
-on the event loop, and each request gets its own rows. The queue is bounded in images: past
+that long for more requests before dispatching). A batch's tensor work (joining the requests'
+images, the forward pass) runs in the worker thread, never on the event loop, and each request
+gets its own rows (views of the output). The queue is bounded in images: past
 QUEUE_SIZE a request is refused at once (503) instead of waiting forever.
 """
 
@@ -153,13 +154,11 @@ class MicroBatcher:
     async def _run_jobs(self, jobs: list[_Job], count: int) -> None:
         loop = asyncio.get_running_loop()
         try:
-            batch = torch.cat([job.images for job in jobs])
-            chunks = [batch[i:i + self.max_batch] for i in range(0, len(batch), self.max_batch)]
-            outputs = [await loop.run_in_executor(self._executor, self._run, chunk) for chunk in chunks]
-            probs = torch.cat(outputs)
+            sizes = [min(self.max_batch, count - i) for i in range(0, count, self.max_batch)]
+            probs = await loop.run_in_executor(self._executor, self._execute, [job.images for job in jobs])
             if self._on_batch is not None:
-                for chunk in chunks:
-                    self._on_batch(len(chunk))
+                for size in sizes:
+                    self._on_batch(size)
             start = 0
             for job in jobs:
                 if not job.future.done():
@@ -173,3 +172,12 @@ class MicroBatcher:
             # Also on cancellation (shutdown): the waiters of a cancelled batch are failed by
             # _collector_ended, which sees them in _held.
             self._set_depth(-count)
+
+    def _execute(self, parts: list[Tensor]) -> Tensor:
+        """Runs in the executor: every tensor operation of a batch, the concatenation included. A
+        large tensor op on the event loop would start a second OpenMP thread team, and with more
+        OpenMP threads than cores libgomp stops spinning between parallel regions, which slowed every
+        forward pass of the process (channel-keep0.25, batch 64: 17.8 → 27.8 ms; docs/engine.md)."""
+        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+        outputs = [self._run(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 import torch
 from fastapi import HTTPException, Request
@@ -33,6 +34,7 @@ from core.preprocess import normalize
 from engine import plan as plans
 
 log = logging.getLogger("app.service")
+T = TypeVar("T")
 PLAN_POLL_S = 0.5  # how often a worker waiting for another's calibration looks for its plan
 
 
@@ -172,6 +174,13 @@ class Service:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.worker_stopped()
 
+    async def in_inference_thread(self, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` in the inference thread. Tensor work belongs there and nowhere else: a
+        second thread that runs a parallel torch op starts a second OpenMP team, after which libgomp
+        (more threads than cores) stops spinning between parallel regions and every forward pass of
+        the process slows down (MicroBatcher._execute has the figures)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
     def queued_images(self) -> int:
         """Images waiting or running in any variant's batcher (they share the inference thread)."""
         return sum(batcher.pending_images for batcher in self.batchers.values())
@@ -179,7 +188,7 @@ class Service:
     def batcher(self, variant: Variant) -> MicroBatcher:
         if variant.name not in self.batchers:
             self.batchers[variant.name] = MicroBatcher(
-                run=lambda images, v=variant: self.registry.forward(v, images),
+                run=lambda images, v=variant: self.registry.forward(v, self._normalize(images)),
                 executor=self.executor, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
                 queue_size=self.settings.queue_size, on_batch=self.metrics.batch_size.labels(variant.name).observe,
                 on_depth=self.metrics.queue_depth.labels(variant.name).set,
@@ -187,8 +196,12 @@ class Service:
         return self.batchers[variant.name]
 
     async def predict(self, variant: Variant, images_uint8: Tensor) -> Tensor:
-        images = normalize(images_uint8, self.registry.mean, self.registry.std)
-        return await self.batcher(variant).submit(images)
+        """Probabilities for uint8 [N, 3, 32, 32]; normalised in the inference thread with the rest of
+        the batch's tensor work (see MicroBatcher._execute: no tensor math on the event loop)."""
+        return await self.batcher(variant).submit(images_uint8)
+
+    def _normalize(self, images_uint8: Tensor) -> Tensor:
+        return normalize(images_uint8, self.registry.mean, self.registry.std)
 
 
 def get_service(request: Request) -> Service:

@@ -580,9 +580,34 @@ def test_plot_is_rendered_once_per_set_of_figures(client: TestClient, monkeypatc
     assert len(drawn) == 2
 
 
-def test_onnx_download_of_a_variant(client: TestClient) -> None:
+def test_predict_does_its_tensor_work_in_the_inference_thread(client: TestClient,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Normalising on the event loop started a second OpenMP team and slowed every forward pass
+    (channel-keep0.25 at batch 64 by 1.56×, docs/engine.md): all tensor math runs in the inference thread."""
+    import app.service
+
+    threads: list[str] = []
+    real_normalize = app.service.normalize
+
+    def recording_normalize(*args, **kwargs):
+        threads.append(__import__("threading").current_thread().name)
+        return real_normalize(*args, **kwargs)
+
+    monkeypatch.setattr(app.service, "normalize", recording_normalize)
+    files = [("files", (f"{i}.png", png(), "image/png")) for i in range(3)]
+    assert client.post("/predict?keep=0.5", files=files).status_code == 200
+    assert threads and all(name.startswith("inference") for name in threads), threads
+
+
+def test_onnx_download_of_a_variant(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     ort = pytest.importorskip("onnxruntime")
+    registry = client.app.state.service.registry
+    export_threads: list[str] = []
+    real_float32_net = registry.float32_net
+    monkeypatch.setattr(registry, "float32_net", lambda variant: (
+        export_threads.append(__import__("threading").current_thread().name), real_float32_net(variant))[1])
     r = client.get("/variants/channel-keep0.50/onnx")
+    assert export_threads and all(name.startswith("inference") for name in export_threads)  # as any tensor work
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
     assert 'filename="channel-keep0.50.onnx"' in r.headers["content-disposition"]
     session = ort.InferenceSession(r.content, providers=["CPUExecutionProvider"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -198,6 +199,37 @@ def test_an_idle_batcher_dispatches_at_once_and_batches_what_queued_meanwhile() 
     alone = asyncio.run(scenario())
     assert batches == [1, 5]
     assert alone < 0.05 + 0.04  # no batching window: the lone request did not wait for company
+
+
+def test_a_batch_joins_its_requests_in_the_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No tensor work on the event loop: a large torch op there starts a second OpenMP team, which
+    slowed every forward pass of the service (docs/engine.md). Each request still gets its own rows."""
+    cat_threads: list[str] = []
+    real_cat = torch.cat
+
+    def recording_cat(*args, **kwargs):
+        cat_threads.append(threading.current_thread().name)
+        return real_cat(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", recording_cat)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        return x[:, 0, 0, :3].clone()  # each request's rows carry its own value
+
+    async def scenario() -> tuple[str, list]:
+        with ThreadPoolExecutor(1, thread_name_prefix="worker") as pool:
+            batcher = MicroBatcher(run, pool, max_batch=64, max_wait_ms=0, queue_size=64)
+            first = asyncio.ensure_future(batcher.submit(torch.zeros(1, 3, 32, 32)))
+            await asyncio.sleep(0.01)  # the first pass is running: these four are joined into one batch
+            rest = [asyncio.ensure_future(batcher.submit(torch.full((i, 3, 32, 32), float(i)))) for i in range(1, 5)]
+            results = await asyncio.gather(first, *rest)
+            await batcher.stop()
+        return threading.current_thread().name, results
+
+    loop_thread, results = asyncio.run(scenario())
+    assert [r.tolist() for r in results] == [[[0.0] * 3]] + [[[float(i)] * 3] * i for i in range(1, 5)]
+    assert cat_threads and all(name.startswith("worker") for name in cat_threads), (loop_thread, cat_threads)
 
 
 def test_a_dead_collector_fails_its_waiters_and_is_restarted() -> None:

@@ -243,7 +243,9 @@ async def _pixels(service: Service, name: str, item: dict, data: memoryview | No
             if array.size and (array.min() < 0 or array.max() > 255):
                 raise _fail(400, "input IMAGE: UINT8 values must be in 0..255")
             array = array.astype(np.uint8)
-        return torch.from_numpy(array.reshape(shape).copy()).permute(0, 3, 1, 2).contiguous()
+        # NHWC → NCHW in numpy: a torch copy this size would start an OpenMP team on the event loop
+        # (app/batching.py MicroBatcher._execute says why that slows every forward pass)
+        return torch.from_numpy(array.reshape(shape).transpose(0, 3, 1, 2).copy())  # C-order copy
     if datatype != "BYTES":
         raise _fail(400, f"input IMAGE_BYTES must be BYTES, got {datatype!r}")
     if len(shape) != 1:

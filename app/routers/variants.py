@@ -79,8 +79,9 @@ async def variant_onnx(name: str, request: Request, service: Service = Depends(g
                     "normalization": json.dumps({"mean": service.registry.mean, "std": service.registry.std}),
                     "input": "float32 [N,3,32,32]: RGB/255, minus mean, divided by std"}
         try:
-            net = await run_in_threadpool(service.registry.float32_net, variant)  # not the bf16 copy it serves
-            data = await run_in_threadpool(export_compact, net, metadata)
+            # In the inference thread, like every tensor operation of the service (see app/batching.py)
+            net = await service.in_inference_thread(service.registry.float32_net, variant)  # not the bf16 copy
+            data = await service.in_inference_thread(export_compact, net, metadata)
         except (ExportError, ImportError) as exc:
             raise HTTPException(503, detail=f"ONNX export unavailable here: {exc}") from exc
         service.onnx_files[name] = data = (data, await run_in_threadpool(gzip.compress, data, 6))
