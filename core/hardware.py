@@ -119,13 +119,13 @@ def autocast(device: torch.device | str, precision: str) -> torch.autocast:
 
 
 # glibc mallopt parameters (malloc.h) and the values retain_freed_memory sets.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 MMAP_THRESHOLD_BYTES = 32 * 2**20  # the most glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD_BYTES = 2**30
-MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")
 
 
-def retain_freed_memory() -> bool:
+def retain_freed_memory(large_buffers: bool = False) -> bool:
     """Make glibc keep freed activation buffers for reuse instead of handing them back to the OS.
 
     By default glibc serves a buffer above its (adaptive) mmap threshold with a fresh mmap and trims
@@ -135,7 +135,14 @@ def retain_freed_memory() -> bool:
     lands in the slow state depended on what it had allocated before, so the same variant measured
     1.4x apart from one process to the next. Raises both thresholds (mmap only above 32 MiB, trim
     only above 1 GiB): the process then keeps its peak heap. Returns True if applied; False where
-    the C library has no mallopt (not glibc) or the operator chose thresholds (MALLOC_ENV set)."""
+    the C library has no mallopt (not glibc) or the operator chose thresholds (MALLOC_ENV set).
+
+    ``large_buffers`` (training) also serves buffers above 32 MiB from the heap (M_MMAP_MAX 0: no mmap
+    at all), since no threshold reaches them: a batch-1024 training step of the 64/256/256 network
+    allocates activations far above it (block1's output alone is 128 MiB in bf16) and took 1,878 ms
+    with 515,317 page faults, 1,249 ms with 2,726 once they stayed in the heap (bf16, AMD EPYC, 2
+    threads; docs/training.md). The heap then keeps the largest step's peak (2.0 → 2.3–2.7 GiB
+    resident in that probe)."""
     if any(name in os.environ for name in MALLOC_ENV):
         return False
     try:
@@ -143,8 +150,9 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD,
-                                                                                  TRIM_THRESHOLD_BYTES))
+    applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD,
+                                                                                     TRIM_THRESHOLD_BYTES))
+    return applied and (not large_buffers or bool(mallopt(M_MMAP_MAX, 0)))
 
 
 def describe(device: torch.device, precision: str, caps: Capabilities | None = None) -> dict:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.hardware import autocast, select_device, select_precision
+from core.hardware import autocast, retain_freed_memory, select_device, select_precision
 from core.model import tta_logits
 from training.data import channel_stats, load_dataset, normalize, split_validation
 from training.train import augment
@@ -93,6 +93,7 @@ def main() -> None:
     args = p.parse_args()
     device = select_device("auto")
     precision = select_precision("auto", device)
+    retain_freed_memory(large_buffers=True)  # as prune-train: no page faults per step (core/hardware.py)
     data = load_dataset(args.data)
     train_idx, val_idx = split_validation(data.train_labels, 0 if args.full_train else 5000, seed=0)
     mean, std = channel_stats(data.train_images[train_idx])

@@ -33,7 +33,7 @@ from dataclasses import replace
 import torch
 
 from core import checkpoint
-from core.hardware import select_device, select_precision
+from core.hardware import retain_freed_memory, select_device, select_precision
 from core.model import TTA_LEVELS
 from training.data import channel_stats, load_dataset, normalize, split_validation
 from training.prune import (
@@ -83,6 +83,7 @@ def main() -> None:
     args = p.parse_args()
     device = select_device("auto")
     precision = select_precision("auto", device)
+    retain_freed_memory(large_buffers=True)  # as prune-train: no page faults per step (core/hardware.py)
     data = load_dataset(args.data)
     train_idx, val_idx = split_validation(data.train_labels, 5000, seed=0)
     mean, std = channel_stats(data.train_images[train_idx])

@@ -153,9 +153,10 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 LIVE_BUFFERS = """
 import json, resource, sys, torch
 from core.hardware import retain_freed_memory
-applied = retain_freed_memory() if sys.argv[1] == "retain" else False
-def live_buffers():  # three 16 MiB buffers alive at once, like one pass's activations
-    buffers = [torch.ones(4 * 2**20) for _ in range(3)]
+mode, mib = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16
+applied = retain_freed_memory(large_buffers=mode == "large") if mode in ("retain", "large") else False
+def live_buffers():  # three buffers alive at once, like one pass's activations
+    buffers = [torch.ones(mib * 2**18) for _ in range(3)]
     return sum(b.sum() for b in buffers)
 for _ in range(3):
     live_buffers()
@@ -191,6 +192,24 @@ def test_retained_memory_serves_repeated_buffers_without_page_faults() -> None:
     # Retained: no pass pays for its buffers again; the heap may grow once or twice (4,096 faults each).
     assert sum(retained) <= 2 * 4096 + 200 and sum(1 for f in retained if f > 200) <= 2, retained
     assert run("retain", MALLOC_TRIM_THRESHOLD_="131072")[0] is False  # the operator's own choice stands
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are glibc's")
+def test_training_keeps_buffers_above_any_mmap_threshold_in_the_heap() -> None:
+    """A training step's activations (64 MiB here, 128 MiB in prune-train's) are above the largest mmap
+    threshold glibc accepts: only large_buffers (no mmap at all) stops them being faulted in every step."""
+    import subprocess
+    import sys
+
+    def faults(mode: str) -> tuple[bool, list[int]]:
+        done = subprocess.run([sys.executable, "-c", LIVE_BUFFERS, mode, "64"], capture_output=True, text=True,
+                              check=True)
+        return tuple(json.loads(done.stdout))
+
+    applied, retained = faults("retain")
+    assert applied is True and min(retained) >= 3 * 16000, retained  # 16,384 pages per buffer, every pass
+    applied, large = faults("large")
+    assert applied is True and sum(large) <= 2 * 3 * 16384 + 600 and sum(1 for f in large if f > 600) <= 2, large
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are glibc's")

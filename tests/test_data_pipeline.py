@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import platform
 import tarfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from core import checkpoint
+from core.hardware import MALLOC_ENV
 from tests.conftest import CLASSES, jpeg_bytes
 from training import pipeline
 from training.data import DataError, load_dataset, preprocess, split_validation
@@ -154,6 +157,10 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
     assert {("gate_magnitude", False), ("gate_magnitude", True), ("magnitude_gradual", True), ("magnitude", True),
             ("random", False)} <= criteria
     assert manifest["tta"] == 2 and manifest["hardware"]["per_seed"][0]["device"] == "cpu"
+    # whether training kept freed memory in the heap (core/hardware.py: applied wherever glibc allows it)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert manifest["hardware"]["export"]["memory_retained"] is (glibc and not any(
+        name in os.environ for name in MALLOC_ENV))
     for name in ("tradeoff.png", "results.csv", "results.md", "dense.safetensors"):
         assert (out / name).stat().st_size > 0
     assert Image.open(out / "tradeoff.png").format == "PNG"

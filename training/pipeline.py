@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from core import checkpoint
-from core.hardware import DEVICES_HELP, PRECISIONS, describe, select_device, select_precision
+from core.hardware import DEVICES_HELP, PRECISIONS, describe, retain_freed_memory, select_device, select_precision
 from core.model import TTA_LEVELS, GatedNet, NetConfig, count_parameters
 from training import report
 from training.data import DataError, channel_stats, load_dataset, normalize, split_validation
@@ -487,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # A training step's activations come back from the heap instead of fresh mmaps: 1.5x faster steps
+    # on a CPU (core/hardware.py); a no-op where the operator set MALLOC_* or the C library is not glibc.
+    memory_retained = retain_freed_memory(large_buffers=True)
     try:
         data = load_dataset(args.data, args.cache_dir)
     except DataError as exc:
@@ -509,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"prune-train: error: {exc}", file=sys.stderr)
         return 2
-    hardware = describe(device, precision)
+    hardware = describe(device, precision) | {"memory_retained": memory_retained}
     print(f"prune-train: {hardware['device']} ({hardware.get('gpu_model', hardware['cpu_model'])}), "
           f"precision {precision}, torch {hardware['torch_version']}", flush=True)
     _guard_work_dir(args, data.describe()["sha256"])
