@@ -177,7 +177,7 @@ class MicroBatcher:
         """Runs in the executor: every tensor operation of a batch, the concatenation included. A
         large tensor op on the event loop would start a second OpenMP thread team, and with more
         OpenMP threads than cores libgomp stops spinning between parallel regions, which slowed every
-        forward pass of the process (channel-keep0.25, batch 64: 17.8 → 27.8 ms; docs/engine.md)."""
+        forward pass of the process (channel-keep0.25, batch 64: 16.1 → 26.4 ms; docs/engine.md)."""
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
         outputs = [self._run(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -602,7 +602,7 @@ def test_plot_is_rendered_once_per_set_of_figures(client: TestClient, monkeypatc
 def test_predict_does_its_tensor_work_in_the_inference_thread(client: TestClient,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Normalising on the event loop started a second OpenMP team and slowed every forward pass
-    (channel-keep0.25 at batch 64 by 1.56×, docs/engine.md): all tensor math runs in the inference thread."""
+    (channel-keep0.25 at batch 64 by 1.64×, docs/engine.md): all tensor math runs in the inference thread."""
     import app.service
 
     threads: list[str] = []
