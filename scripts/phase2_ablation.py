@@ -77,6 +77,9 @@ def main() -> None:
     p.add_argument("--allocations", nargs="+", choices=CHANNEL_ALLOCATIONS, default=["uniform"],
                    help="channel widths: keep × every layer (uniform), or the same MACs spread by Taylor score "
                         "per multiply-add (cost; channel_allocation)")
+    p.add_argument("--channel-ramps", type=float, nargs="+", default=[0.0],
+                   help="channel variants: share of the steps over which the width falls (cubic) from all "
+                        "channels to keep (0 = one-shot, then fine-tune)")
     p.add_argument("--ranking-images", type=int, default=2000, help="labelled training images for taylor")
     p.add_argument("--baseline", help="a shipped checkpoint of the same seed to report alongside "
                                       "(e.g. models/variants/channel-keep0.625-ft.safetensors: 300 steps)")
@@ -115,8 +118,10 @@ def main() -> None:
     gate_lrs = args.gate_lrs if args.granularity == "weight" else [0.0]
     final_masks = {}
     shares = args.prune_shares if args.granularity == "weight" else [PruneConfig().prune_share]
-    for allocation, ranking, steps, distill, gate_lr, share, ema, tta in itertools.product(
-            allocations, rankings, args.steps, args.distill, gate_lrs, shares, args.lookahead, args.teacher_tta):
+    ramps = args.channel_ramps if args.granularity == "channel" else [0.0]
+    for allocation, ranking, steps, distill, gate_lr, share, ema, tta, ramp in itertools.product(
+            allocations, rankings, args.steps, args.distill, gate_lrs, shares, args.lookahead, args.teacher_tta,
+            ramps):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
@@ -124,7 +129,7 @@ def main() -> None:
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
-                           teacher=teacher, masks=masks)
+                           teacher=teacher, masks=masks, channel_scores=scores[ranking], channel_ramp=ramp)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
             masks = prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, criterion=ranking), 0,
                                    teacher=teacher, floor=0.002)
@@ -132,7 +137,7 @@ def main() -> None:
         recalibrate_bn(model, calib, precision=precision)
         val = accuracy(model, val_x, val_y, precision=precision)
         gates = f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}" if args.granularity == "weight" else ""
-        shape = f", {allocation} widths" if args.granularity == "channel" else ""
+        shape = f", {allocation} widths, ramp {ramp:g}" if args.granularity == "channel" else ""
         print(f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
               f"distill {distill:g}"
               f" (teacher TTA {tta})"

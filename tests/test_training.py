@@ -170,6 +170,37 @@ def test_phase2_distills_from_the_teachers_tta_logits() -> None:
     assert not torch.equal(finals[0], finals[1])
 
 
+def test_channel_ramp_narrows_gradually_to_the_final_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """channel_ramp: the kept channels fall on the cubic schedule (always the top ones by the scores, so
+    each width is a superset of the final mask), then the final masks hold: pruned weights exactly zero."""
+    from core.model import GatedNet as Net
+    from training.prune import channel_masks
+
+    torch.manual_seed(0)
+    model, teacher = tiny_model(), tiny_model()
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    scores = {name: torch.rand(conv.out_channels) for name, conv, _, _ in model.conv_chain()}
+    final = channel_masks(model, 0.5, scores)
+    installed: list[int | None] = []
+    real_set_masks = Net.set_masks
+
+    def recording(self, masks):
+        installed.append(None if masks is None else int(sum(m.sum() for m in masks.values())))
+        real_set_masks(self, masks)
+
+    monkeypatch.setattr(Net, "set_masks", recording)
+    pcfg = PruneConfig(steps=40, gradual=False)
+    masks = prune_finetune(model, images, labels, 0.5, TrainConfig(batch_size=8), pcfg, seed=0, teacher=teacher,
+                           masks=final, channel_scores=scores, channel_ramp=0.5)
+    # dense first, a width update every 10 steps of the 20-step ramp, then the final mask
+    kept_final = int(sum(m.sum() for m in final.values()))
+    assert installed[0] is None and installed[-1] == kept_final and len(installed) == 4
+    assert installed[1] > installed[2] > kept_final  # cubic: the width falls, never below the target
+    assert masks is final
+    for name, layer in model.gated_layers():
+        assert not layer.effective_weight()[~final[name]].any()
+
+
 def test_phase2_refuses_a_criterion_it_cannot_rank_by() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match="phase 2 ranks by"):

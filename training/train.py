@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from core.hardware import autocast
 from core.model import GatedNet, tta_logits
-from training.prune import lamp, prune
+from training.prune import channel_masks, lamp, prune
 
 GATE_METHODS = ("frozen", "st_topk", "penalty", "none")
 PHASE2_CRITERIA = ("gate_magnitude", "lamp")
@@ -443,6 +443,9 @@ def _distill_loss(logits: Tensor, teacher: Tensor | None, target: Tensor, cfg: T
     return (1 - pcfg.distill) * hard + pcfg.distill * soft
 
 
+CHANNEL_RAMP_EVERY = 10  # steps between width updates while channel variants narrow gradually
+
+
 def _kept_share(step: int, total: int, keep: float, share: float) -> float:
     """Zhu & Gupta's cubic schedule: from 1 down to ``keep`` over the first ``share`` of the steps."""
     span = max(1, int(share * total))
@@ -462,10 +465,15 @@ def prune_finetune(
     masks: dict[str, Tensor] | None = None,
     scope: str = "global",
     floor: float = 0.0,
+    channel_scores: dict[str, Tensor] | None = None,
+    channel_ramp: float = 0.0,
 ) -> dict[str, Tensor]:
     """Prune ``model`` to ``keep`` and fine-tune it (phase 2); returns the final masks, installed.
 
-    ``masks`` given (channel variants): those masks are installed from the start and only fine-tuned.
+    ``masks`` given (channel variants): those masks are installed from the start and only fine-tuned;
+    with ``channel_ramp`` > 0 and the ``channel_scores`` that ranked them, the width instead falls from
+    all channels to ``keep`` on the cubic schedule over that share of the steps (the top channels by
+    those scores at every step, so the removed ones are always the final mask's), then ``masks`` hold.
     Else gradual (``pcfg.gradual``): the kept share falls on a cubic schedule with straight-through
     top-K masks by |W·sigmoid(S)|, scores learning at ``pcfg.gate_lr``; after ``prune_share`` of the
     steps the exact top-K is fixed. One-shot: the exact top-K from step 0.
@@ -495,8 +503,9 @@ def prune_finetune(
     lookahead = Lookahead(model) if pcfg.lookahead else None
 
     fixed_from = int(pcfg.prune_share * pcfg.steps) if (masks is None and pcfg.gradual) else 0
+    ramp_until = int(channel_ramp * pcfg.steps) if (masks is not None and channel_scores is not None) else 0
     if masks is not None:
-        model.set_masks(masks)
+        model.set_masks(masks if ramp_until == 0 else None)
     elif fixed_from == 0:
         masks = prune(model, pcfg.criterion, keep, scope, floor, seed)
     model.train()
@@ -509,6 +518,10 @@ def prune_finetune(
                     s.requires_grad_(False)
                     s.grad = None
                 score_optimizer = None
+        if step < ramp_until and step % CHANNEL_RAMP_EVERY == 0:
+            model.set_masks(channel_masks(model, _kept_share(step, ramp_until, keep, 1.0), channel_scores))
+        elif ramp_until and step == ramp_until:
+            model.set_masks(masks)
         if step < fixed_from:
             share = _kept_share(step, fixed_from, keep, 1.0)
             rank = "lamp" if pcfg.criterion == "lamp" else "effective"
@@ -533,6 +546,8 @@ def prune_finetune(
     if lookahead is not None:
         lookahead.finish(model)
     model.set_train_masks(None)
+    if ramp_until >= pcfg.steps:  # the ramp never reached its end
+        model.set_masks(masks)
     if masks is None:  # zero steps asked for
         masks = prune(model, pcfg.criterion, keep, scope, floor, seed)
     for p in model.parameters():
