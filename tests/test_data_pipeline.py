@@ -157,6 +157,10 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
     assert {("gate_magnitude", False), ("gate_magnitude", True), ("magnitude_gradual", True), ("magnitude", True),
             ("random", False)} <= criteria
     assert manifest["tta"] == 2 and manifest["hardware"]["per_seed"][0]["device"] == "cpu"
+    for variant in manifest["variants"]:  # every TTA level measured per variant; the served one is test_acc
+        assert variant["test_acc_tta2_mean"] == variant["test_acc_mean"], variant["name"]
+        assert variant["test_acc_tta0_mean"] == variant["test_acc_no_tta_mean"], variant["name"]
+        assert 0 <= variant["test_acc_tta1_mean"] <= 100
     # whether training kept freed memory in the heap (core/hardware.py: applied wherever glibc allows it)
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert manifest["hardware"]["export"]["memory_retained"] is (glibc and not any(

@@ -223,11 +223,12 @@ def _calibration_sample(splits: dict, seed: int, count: int) -> tuple[torch.Tens
 
 
 def _evaluate(model: GatedNet, splits: dict, cfg: TrainConfig, tta: int) -> dict:
-    """Validation without TTA (what choices use); test with the served TTA and without."""
-    row = {"val_acc": accuracy(model, splits["val_x"], splits["val_y"], cfg.precision),
-           "test_acc_no_tta": accuracy(model, splits["test_x"], splits["test_y"], cfg.precision)}
-    row["test_acc"] = row["test_acc_no_tta"] if tta == 0 else \
-        accuracy(model, splits["test_x"], splits["test_y"], cfg.precision, tta=tta)
+    """Validation without TTA (what choices use); test with the served TTA, and at every TTA level
+    (``test_acc_tta{level}``: what each level's views buy, per variant, for a serving choice)."""
+    row = {"val_acc": accuracy(model, splits["val_x"], splits["val_y"], cfg.precision)}
+    for level in TTA_LEVELS:
+        row[f"test_acc_tta{level}"] = accuracy(model, splits["test_x"], splits["test_y"], cfg.precision, tta=level)
+    row["test_acc_no_tta"], row["test_acc"] = row["test_acc_tta0"], row[f"test_acc_tta{tta}"]
     return {**row, **count_parameters(model)}
 
 
@@ -292,9 +293,6 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
         finetuned = method is not None
         row = {"criterion": criterion if keep < 1.0 else "dense", "keep": keep, "finetuned": finetuned,
                **_evaluate(model, splits, cfg, args.tta), "seconds": round(time.perf_counter() - began, 2)}
-        if keep == 1.0:  # every TTA level for the dense network (what TTA buys, for the README)
-            row.update({f"test_acc_tta{level}": accuracy(model, splits["test_x"], splits["test_y"], cfg.precision,
-                                                         tta=level) for level in TTA_LEVELS})
         if release and (criterion == args.ship_criterion or keep == 1.0):
             # The release seed's candidates for shipping, written as they come; export picks.
             checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(args.ship_criterion, keep,
@@ -373,12 +371,17 @@ def aggregate(results: list[dict]) -> list[dict]:
             "test_acc_no_tta_std": statistics.stdev(plain) if len(plain) > 1 else 0.0,
             "total": rows[0]["total"], "prunable": rows[0]["prunable"], "nonzero": rows[0]["nonzero"],
         })
-        for level in TTA_LEVELS:  # the dense rows carry every TTA level, for the README
+        for level in TTA_LEVELS:  # every TTA level, where all of the group's rows have it (older runs: dense only)
             key = f"test_acc_tta{level}"
             if all(key in r for r in rows):
                 table[-1][f"{key}_mean"] = statistics.fmean(r[key] for r in rows)
     table.sort(key=lambda r: (r["criterion"] != "dense", r["criterion"], -r["keep"], r["finetuned"]))
     return table
+
+
+def _tta_levels(row: dict) -> dict[str, float]:
+    """A table row's mean test accuracy at each TTA level, where its run measured it."""
+    return {key: row[key] for key in (f"test_acc_tta{level}_mean" for level in TTA_LEVELS) if key in row}
 
 
 def _git_commit() -> str | None:
@@ -427,6 +430,7 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
             "finetuned": finetuned, "test_acc_per_seed": best["test_acc_per_seed"],
             "test_acc_mean": best["test_acc_mean"], "test_acc_std": best["test_acc_std"], "drop": best["drop"],
             "val_acc_mean": best["val_acc_mean"], "test_acc_no_tta_mean": best["test_acc_no_tta_mean"],
+            **_tta_levels(best),
             # Masked variants need this file too (it is verified by its sha256 when they load).
             "base": "dense.safetensors" if checkpoint.base_reference(data, source) else None,
         })
@@ -443,7 +447,7 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
             "finetuned": True, "test_acc_per_seed": best["test_acc_per_seed"],
             "test_acc_mean": best["test_acc_mean"], "test_acc_std": best["test_acc_std"], "drop": best["drop"],
             "val_acc_mean": best["val_acc_mean"], "test_acc_no_tta_mean": best["test_acc_no_tta_mean"],
-            "base": None,
+            **_tta_levels(best), "base": None,
         })
     manifest = {
         "schema_version": SCHEMA_VERSION,
