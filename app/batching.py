@@ -154,8 +154,7 @@ class MicroBatcher:
     async def _run_jobs(self, jobs: list[_Job], count: int) -> None:
         loop = asyncio.get_running_loop()
         try:
-            sizes = [min(self.max_batch, count - i) for i in range(0, count, self.max_batch)]
-            probs = await loop.run_in_executor(self._executor, self._execute, [job.images for job in jobs])
+            probs, sizes = await loop.run_in_executor(self._executor, self._execute, [job.images for job in jobs])
             if self._on_batch is not None:
                 for size in sizes:
                     self._on_batch(size)
@@ -173,11 +172,13 @@ class MicroBatcher:
             # _collector_ended, which sees them in _held.
             self._set_depth(-count)
 
-    def _execute(self, parts: list[Tensor]) -> Tensor:
-        """Runs in the executor: every tensor operation of a batch, the concatenation included. A
+    def _execute(self, parts: list[Tensor]) -> tuple[Tensor, list[int]]:
+        """Runs in the executor: every tensor operation of a batch, the concatenation included; returns
+        the probabilities and the size of each forward pass (at most MAX_BATCH images). A
         large tensor op on the event loop would start a second OpenMP thread team, and with more
         OpenMP threads than cores libgomp stops spinning between parallel regions, which slowed every
         forward pass of the process (channel-keep0.25, batch 64: 16.1 → 26.4 ms; docs/engine.md)."""
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
-        outputs = [self._run(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        chunks = batch.split(self.max_batch)
+        outputs = [self._run(chunk) for chunk in chunks]
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), [len(chunk) for chunk in chunks]

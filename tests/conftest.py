@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from core.model import GatedNet, NetConfig
 
 TINY = NetConfig(widths=(8, 8, 16), stem_width=4, num_classes=3)
 CLASSES = ("cat", "dog", "frog")
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"  # mallopt is glibc's
 
 
 def tiny_model(seed: int = 0) -> GatedNet:

@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,7 @@ from app.main import create_app
 from app.settings import Settings
 from core.checkpoint import load_model
 from core.preprocess import normalize, preprocess
-from tests.conftest import CLASSES, build_models_dir, jpeg_bytes
+from tests.conftest import CLASSES, GLIBC, build_models_dir, jpeg_bytes
 
 
 def make_client(models_dir: Path, **overrides) -> TestClient:
@@ -149,11 +148,10 @@ def test_a_failing_calibration_falls_back_to_dense(models_dir: Path, monkeypatch
         assert c.post("/predict?keep=0.1", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).status_code == 200
 
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 LIVE_BUFFERS = """
 import json, resource, sys, torch
 from core.hardware import retain_freed_memory
-mode, mib = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16
+mode, mib = sys.argv[1], int(sys.argv[2])
 applied = retain_freed_memory(large_buffers=mode == "large") if mode in ("retain", "large") else False
 def live_buffers():  # three buffers alive at once, like one pass's activations
     buffers = [torch.ones(mib * 2**18) for _ in range(3)]
@@ -169,46 +167,41 @@ print(json.dumps([applied, faults]))
 """
 
 
-@pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are glibc's")
-def test_retained_memory_serves_repeated_buffers_without_page_faults() -> None:
-    """What RETAIN_FREED_MEMORY is for: buffers freed and allocated again on every pass are not faulted back in."""
+def live_buffer_faults(mode: str, mib: int = 16, **env: str) -> tuple[bool, list[int]]:
+    """In a fresh process: whether the allocator setting (``mode``: default / retain / large) applied, and the
+    page faults of each of 10 passes over three ``mib`` MiB buffers."""
     import subprocess
     import sys
 
-    def run(mode: str, **env: str) -> tuple[bool, list[int]]:
-        done = subprocess.run([sys.executable, "-c", LIVE_BUFFERS, mode], capture_output=True, text=True, check=True,
-                              env={**os.environ, **env})
-        applied, faults = json.loads(done.stdout)
-        return applied, faults
+    done = subprocess.run([sys.executable, "-c", LIVE_BUFFERS, mode, str(mib)], capture_output=True, text=True,
+                          check=True, env={**os.environ, **env})
+    applied, faults = json.loads(done.stdout)
+    return applied, faults
 
-    applied, retained = run("retain")
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are glibc's")
+def test_retained_memory_serves_repeated_buffers_without_page_faults() -> None:
+    """What RETAIN_FREED_MEMORY is for: buffers freed and allocated again on every pass are not faulted back in."""
+    applied, retained = live_buffer_faults("retain")
     # The reference: glibc with its mmap threshold fixed below the buffer size mmaps every buffer and faults all
     # of its pages back in on every pass (4,096 per buffer). glibc's own default does that in some processes and
     # not in others: its threshold moves with what the process freed before (measured: 8,160 faults per pass,
     # or none after the second pass), which is why the service does not leave it to chance.
-    reference_applied, mmapped = run("default", MALLOC_MMAP_THRESHOLD_="1048576")
+    reference_applied, mmapped = live_buffer_faults("default", MALLOC_MMAP_THRESHOLD_="1048576")
     assert applied is True and reference_applied is False
     assert min(mmapped) >= 3 * 4000, mmapped
     # Retained: no pass pays for its buffers again; the heap may grow once or twice (4,096 faults each).
     assert sum(retained) <= 2 * 4096 + 200 and sum(1 for f in retained if f > 200) <= 2, retained
-    assert run("retain", MALLOC_TRIM_THRESHOLD_="131072")[0] is False  # the operator's own choice stands
+    assert live_buffer_faults("retain", MALLOC_TRIM_THRESHOLD_="131072")[0] is False  # the operator's own choice stands
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are glibc's")
 def test_training_keeps_buffers_above_any_mmap_threshold_in_the_heap() -> None:
     """A training step's activations (64 MiB here, 128 MiB in prune-train's) are above the largest mmap
     threshold glibc accepts: only large_buffers (no mmap at all) stops them being faulted in every step."""
-    import subprocess
-    import sys
-
-    def faults(mode: str) -> tuple[bool, list[int]]:
-        done = subprocess.run([sys.executable, "-c", LIVE_BUFFERS, mode, "64"], capture_output=True, text=True,
-                              check=True)
-        return tuple(json.loads(done.stdout))
-
-    applied, retained = faults("retain")
+    applied, retained = live_buffer_faults("retain", mib=64)
     assert applied is True and min(retained) >= 3 * 16000, retained  # 16,384 pages per buffer, every pass
-    applied, large = faults("large")
+    applied, large = live_buffer_faults("large", mib=64)
     assert applied is True and sum(large) <= 2 * 3 * 16384 + 600 and sum(1 for f in large if f > 600) <= 2, large
 
 

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import pickle
-import platform
 import tarfile
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors import safe_open
 
 from core import checkpoint
 from core.hardware import MALLOC_ENV
-from tests.conftest import CLASSES, jpeg_bytes
+from tests.conftest import CLASSES, GLIBC, jpeg_bytes
 from training import pipeline
 from training.data import DataError, load_dataset, preprocess, split_validation
 from training.pipeline import main as prune_train
@@ -162,8 +161,7 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
         assert variant["test_acc_tta0_mean"] == variant["test_acc_no_tta_mean"], variant["name"]
         assert 0 <= variant["test_acc_tta1_mean"] <= 100
     # whether training kept freed memory in the heap (core/hardware.py: applied wherever glibc allows it)
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert manifest["hardware"]["export"]["memory_retained"] is (glibc and not any(
+    assert manifest["hardware"]["export"]["memory_retained"] is (GLIBC and not any(
         name in os.environ for name in MALLOC_ENV))
     for name in ("tradeoff.png", "results.csv", "results.md", "dense.safetensors"):
         assert (out / name).stat().st_size > 0
