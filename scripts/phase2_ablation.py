@@ -48,7 +48,15 @@ from training.prune import (
     importance,
     topk_masks,
 )
-from training.train import PHASE2_CRITERIA, PruneConfig, TrainConfig, accuracy, prune_finetune, recalibrate_bn
+from training.train import (
+    PHASE2_CRITERIA,
+    PruneConfig,
+    Teacher,
+    TrainConfig,
+    accuracy,
+    prune_finetune,
+    recalibrate_bn,
+)
 
 
 def main() -> None:
@@ -119,6 +127,7 @@ def main() -> None:
     final_masks = {}
     shares = args.prune_shares if args.granularity == "weight" else [PruneConfig().prune_share]
     ramps = args.channel_ramps if args.granularity == "channel" else [0.0]
+    distiller = Teacher(teacher)  # every run draws the same batches: the teacher's logits are computed once
     for allocation, ranking, steps, distill, gate_lr, share, ema, tta, ramp in itertools.product(
             allocations, rankings, args.steps, args.distill, gate_lrs, shares, args.lookahead, args.teacher_tta,
             ramps):
@@ -129,10 +138,10 @@ def main() -> None:
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
-                           teacher=teacher, masks=masks, channel_scores=scores[ranking], channel_ramp=ramp)
+                           teacher=distiller, masks=masks, channel_scores=scores[ranking], channel_ramp=ramp)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
             masks = prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, criterion=ranking), 0,
-                                   teacher=teacher, floor=0.002)
+                                   teacher=distiller, floor=0.002)
             final_masks[(ranking, steps, distill, gate_lr, share, ema, tta)] = flat_mask(masks)
         recalibrate_bn(model, calib, precision=precision)
         val = accuracy(model, val_x, val_y, precision=precision)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 from core.hardware import Capabilities, describe, select_device, select_precision
 from core.model import GatedNet, NetConfig, tta_logits
@@ -11,6 +12,7 @@ from tests.conftest import tiny_model
 from training.prune import check_keep
 from training.train import (
     PruneConfig,
+    Teacher,
     TrainConfig,
     _kept_share,
     _lr_factor,
@@ -168,6 +170,33 @@ def test_phase2_distills_from_the_teachers_tta_logits() -> None:
     # on each batch and its mirror, and the averaged targets change what the student learns.
     assert views == [4, 8]
     assert not torch.equal(finals[0], finals[1])
+
+
+def test_a_shared_teacher_computes_each_steps_logits_once_and_changes_nothing() -> None:
+    """A sweep's fine-tunes share one Teacher: the second run of a seed reuses every logit of the first
+    (no teacher forward pass) and ends bitwise where a run with a teacher of its own ends; another seed
+    draws other batches, so it is not served the first seed's logits."""
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    torch.manual_seed(1)
+    dense = tiny_model().eval()
+    shared = Teacher(dense)
+    calls: list[int] = []
+    shared.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+
+    def run(teacher: nn.Module | Teacher, keep: float, seed: int = 0) -> Tensor:
+        torch.manual_seed(0)
+        model = tiny_model()
+        prune_finetune(model, images, labels, keep, TrainConfig(batch_size=8),
+                       PruneConfig(steps=6, gate_lr=0.05), seed=seed, teacher=teacher)
+        return model.block2.conv2.effective_weight().detach()
+
+    run(shared, 0.3)
+    assert len(calls) == 6  # one forward pass per step
+    reused = run(shared, 0.1)
+    assert len(calls) == 6  # the second variant's batches were the first's: all served from the cache
+    assert torch.equal(reused, run(dense, 0.1))  # ... and they were exactly the logits it would compute
+    run(shared, 0.1, seed=1)
+    assert len(calls) == 12  # another seed's batches: computed afresh
 
 
 def test_channel_ramp_narrows_gradually_to_the_final_mask(monkeypatch: pytest.MonkeyPatch) -> None:

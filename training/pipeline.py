@@ -39,6 +39,7 @@ from training.train import (
     PHASE2_CRITERIA,
     RECIPE_VERSION,
     PruneConfig,
+    Teacher,
     TrainConfig,
     accuracy,
     prune_finetune,
@@ -267,7 +268,7 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     # Variants that are not fine-tuned are stored as masks over this checkpoint (see checkpoint.py).
     base = ("../dense.safetensors", dense_sha, checkpoint.folded_weights(model))
     dense_state = copy.deepcopy(model.state_dict())
-    teacher = copy.deepcopy(model).eval()
+    teacher = Teacher(model)  # shared by the seed's fine-tunes: its logits are computed once per step
     calib, _ = _calibration_sample(splits, seed, args.calib_images)
     release = seed == args.release_seed
 
@@ -314,18 +315,18 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
     seed_dir = Path(args.work_dir) / f"seed-{seed}"
     out_dir = seed_dir / "channel"
     calib, calib_labels = _calibration_sample(splits, seed, args.calib_images)
-    teacher, scores = None, None  # loaded (and its channels ranked) once, when a keep is not cached
+    dense, teacher, scores = None, None, None  # loaded (and its channels ranked) once, when a keep is not cached
     rows = []
     for keep in tqdm(args.channel_keeps, desc=f"seed {seed} channels", unit="variant", file=sys.stdout):
         done = out_dir / f"keep{keep:.3f}.json"
         if done.exists():
             rows.append(json.loads(done.read_text()))
             continue
-        if teacher is None:
-            teacher = checkpoint.load_model(seed_dir / "dense.safetensors")
-            teacher = teacher.to(device, memory_format=torch.channels_last)
-            scores = channel_ranking_scores(teacher, args.channel_ranking, calib, calib_labels, cfg.precision)
-        model = copy.deepcopy(teacher)
+        if dense is None:
+            dense = checkpoint.load_model(seed_dir / "dense.safetensors").to(device, memory_format=torch.channels_last)
+            teacher = Teacher(dense)  # shared by the keeps: its logits are computed once per step
+            scores = channel_ranking_scores(dense, args.channel_ranking, calib, calib_labels, cfg.precision)
+        model = copy.deepcopy(dense)
         began = time.perf_counter()
         masks = channel_masks(model, keep, scores)
         prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg,
