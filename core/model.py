@@ -209,13 +209,19 @@ TTA_LEVELS = (0, 1, 2)  # 0: none; 1: + mirror (2 views); 2: + mirror of two 1-p
 def tta_logits(forward: Callable[[Tensor], Tensor], x: Tensor, level: int) -> Tensor:
     """airbench's test-time augmentation: 0 = the image; 1 = mean with its mirror; 2 = half that, half
     the mirrored pair of two 1-pixel reflect translations (6 views in all)."""
-    if level == 0:
-        return forward(x)
-    mirrored = 0.5 * forward(x) + 0.5 * forward(x.flip(-1))
-    if level == 1:
-        return mirrored
-    padded = F.pad(x, (1,) * 4, mode="reflect")
-    h, w = x.shape[-2:]
-    shifted = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]
-    translated = sum(0.5 * forward(v) + 0.5 * forward(v.flip(-1)) for v in shifted) / 2
-    return 0.5 * mirrored + 0.5 * translated
+    return tta_logits_by_level(forward, x, level)[level]
+
+
+def tta_logits_by_level(forward: Callable[[Tensor], Tensor], x: Tensor, up_to: int) -> list[Tensor]:
+    """The logits of every TTA level from 0 to ``up_to``, each exactly as ``tta_logits`` computes it: a
+    level's views include the lower levels', so all of them cost what the highest one costs."""
+    levels = [forward(x)]
+    if up_to >= 1:
+        levels.append(0.5 * levels[0] + 0.5 * forward(x.flip(-1)))
+    if up_to >= 2:
+        padded = F.pad(x, (1,) * 4, mode="reflect")
+        h, w = x.shape[-2:]
+        shifted = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]
+        translated = sum(0.5 * forward(v) + 0.5 * forward(v.flip(-1)) for v in shifted) / 2
+        levels.append(0.5 * levels[1] + 0.5 * translated)
+    return levels

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from core.hardware import Capabilities, describe, select_device, select_precision
-from core.model import GatedNet, NetConfig, tta_logits
+from core.model import TTA_LEVELS, GatedNet, NetConfig, tta_logits
 from tests.conftest import tiny_model
 from training.prune import check_keep
 from training.train import (
@@ -16,6 +16,10 @@ from training.train import (
     TrainConfig,
     _kept_share,
     _lr_factor,
+    accuracy,
+    accuracy_by_level,
+    predict_logits,
+    predict_logits_by_level,
     prepare,
     prune_finetune,
     train,
@@ -244,3 +248,20 @@ def test_tta_levels() -> None:
         assert torch.equal(tta_logits(model, x, 0), model(x))
         assert torch.allclose(tta_logits(model, x, 1), (model(x) + model(x.flip(-1))) / 2)
         assert tta_logits(model, x, 2).shape == (3, 3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_tta_level_from_one_pass_is_exactly_each_levels_own(precision: str) -> None:
+    """prune-train scores every variant at every TTA level from the 6 views of the highest one; each
+    level must be bitwise what evaluating it alone gives, in the precision training evaluates in."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    images, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 3, (40,))
+    views: list[int] = []
+    model.register_forward_hook(lambda module, args, out: views.append(args[0].shape[0]))
+    together = predict_logits_by_level(model, images, batch_size=16, precision=precision, up_to=2)
+    assert sum(views) == 6 * 40  # the highest level's views, no more
+    for level in TTA_LEVELS:
+        assert torch.equal(together[level], predict_logits(model, images, 16, precision, tta=level))
+    by_level = accuracy_by_level(model, images, labels, precision, up_to=2)
+    assert by_level == [accuracy(model, images, labels, precision, tta=level) for level in TTA_LEVELS]

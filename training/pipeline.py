@@ -42,6 +42,7 @@ from training.train import (
     Teacher,
     TrainConfig,
     accuracy,
+    accuracy_by_level,
     prune_finetune,
     recalibrate_bn,
     train,
@@ -227,8 +228,9 @@ def _evaluate(model: GatedNet, splits: dict, cfg: TrainConfig, tta: int) -> dict
     """Validation without TTA (what choices use); test with the served TTA, and at every TTA level
     (``test_acc_tta{level}``: what each level's views buy, per variant, for a serving choice)."""
     row = {"val_acc": accuracy(model, splits["val_x"], splits["val_y"], cfg.precision)}
+    test = accuracy_by_level(model, splits["test_x"], splits["test_y"], cfg.precision, up_to=max(TTA_LEVELS))
     for level in TTA_LEVELS:
-        row[f"test_acc_tta{level}"] = accuracy(model, splits["test_x"], splits["test_y"], cfg.precision, tta=level)
+        row[f"test_acc_tta{level}"] = test[level]
     row["test_acc_no_tta"], row["test_acc"] = row["test_acc_tta0"], row[f"test_acc_tta{tta}"]
     return {**row, **count_parameters(model)}
 

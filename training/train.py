@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.hardware import autocast
-from core.model import GatedNet, tta_logits
+from core.model import GatedNet, tta_logits, tta_logits_by_level
 from training.prune import channel_masks, lamp, prune
 
 GATE_METHODS = ("frozen", "st_topk", "penalty", "none")
@@ -599,21 +599,35 @@ def finetune(model: GatedNet, images: Tensor, labels: Tensor, steps: int, cfg: T
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 2500, precision: str = "fp32",
                    tta: int = 0) -> Tensor:
+    return predict_logits_by_level(model, images, batch_size, precision, up_to=tta)[tta]
+
+
+@torch.no_grad()
+def predict_logits_by_level(model: nn.Module, images: Tensor, batch_size: int = 2500, precision: str = "fp32",
+                            up_to: int = 0) -> list[Tensor]:
+    """Logits at every TTA level from 0 to ``up_to``, for the views of the highest level alone."""
     model.eval()
-    outputs = []
+    outputs: list[list[Tensor]] = [[] for _ in range(up_to + 1)]
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].contiguous(memory_format=torch.channels_last)
         with autocast(images.device, precision):
-            outputs.append(tta_logits(model, batch, tta).float())
-    return torch.cat(outputs)
+            for level, logits in enumerate(tta_logits_by_level(model, batch, up_to)):
+                outputs[level].append(logits.float())
+    return [torch.cat(level) for level in outputs]
 
 
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, precision: str = "fp32", tta: int = 0) -> float:
     """Top-1 accuracy in percent."""
+    return accuracy_by_level(model, images, labels, precision, up_to=tta)[tta]
+
+
+def accuracy_by_level(model: nn.Module, images: Tensor, labels: Tensor, precision: str = "fp32",
+                      up_to: int = 0) -> list[float]:
+    """Top-1 accuracy in percent at every TTA level from 0 to ``up_to`` (one pass over the views)."""
     if len(labels) == 0:
-        return float("nan")
-    logits = predict_logits(model, images, precision=precision, tta=tta)
-    return (logits.argmax(1) == labels).float().mean().item() * 100
+        return [float("nan")] * (up_to + 1)
+    return [(logits.argmax(1) == labels).float().mean().item() * 100
+            for logits in predict_logits_by_level(model, images, precision=precision, up_to=up_to)]
 
 
 @torch.no_grad()
