@@ -23,7 +23,7 @@ from torch import Tensor
 
 from core.checkpoint import CheckpointError, load_model
 from core.manifest import SCHEMA_VERSION, Manifest, VariantEntry, describe_error
-from core.model import tta_logits
+from core.model import TTA_LEVELS, TTA_VIEWS, tta_logits
 from engine import plan as plans
 from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, compact, interleaved_medians
 
@@ -67,7 +67,12 @@ class Variant:
     drop: float
     net: CompactNet = field(repr=False)
     test_acc_no_tta_mean: float | None = None  # the same network without test-time augmentation
-    latency: dict[int, dict[str, float]] = field(default_factory=dict)  # batch → p50_ms, p95_ms, images_per_s
+    # Test accuracy at each TTA level a request may ask for (from training; levels it did not record: absent).
+    test_acc_by_tta: dict[int, float] = field(default_factory=dict)
+    # At the served TTA level: batch → p50_ms, p95_ms, images_per_s (what keep=auto and /metrics use).
+    latency: dict[int, dict[str, float]] = field(default_factory=dict)
+    # The same per TTA level (the served one included); a plan from before per-level figures has only that one.
+    latency_by_tta: dict[int, dict[int, dict[str, float]]] = field(default_factory=dict)
     # Where ``latency`` and the execution paths come from: None while the variant still runs on its
     # compact dense path unmeasured; "plan: <file>" or "measured at start-up".
     latency_source: str | None = None
@@ -94,6 +99,10 @@ class Variant:
             "test_acc_std": self.test_acc_std, "test_acc_per_seed": self.test_acc_per_seed, "drop": self.drop,
             "test_acc_no_tta_mean": self.test_acc_no_tta_mean,
             "latency": {f"batch_{b}": v for b, v in sorted(self.latency.items())},
+            "tta_levels": {str(level): {
+                "views": TTA_VIEWS[level], "test_acc_mean": self.test_acc_by_tta.get(level),
+                "latency": {f"batch_{b}": v for b, v in sorted(self.latency_by_tta.get(level, {}).items())},
+            } for level in TTA_LEVELS},
             "latency_source": self.latency_source, "macs_per_image": self.net.macs(),
             "resident_bytes": self.net.nbytes(), "execution": self.net.describe(),
             "backends": self.net.backend_summary(),
@@ -208,6 +217,7 @@ class Registry:
             params=entry.params, finetuned=entry.finetuned, base=entry.base, test_acc_mean=entry.test_acc_mean,
             test_acc_std=entry.test_acc_std, test_acc_per_seed=entry.test_acc_per_seed, drop=entry.drop, net=net,
             test_acc_no_tta_mean=entry.test_acc_no_tta_mean,
+            test_acc_by_tta=entry.test_acc_by_tta() | {self.tta: entry.test_acc_mean},  # the served level's is this
         )
 
     def float32_net(self, variant: Variant) -> CompactNet:
@@ -225,6 +235,9 @@ class Registry:
                 try:
                     plans.apply(variant.net, entry, self.onnx_runtime)
                     variant.latency = {int(b): dict(v) for b, v in entry["latency"].items()}
+                    variant.latency_by_tta = {int(level): {int(b): dict(v) for b, v in figures.items()}
+                                              for level, figures in entry.get("latency_by_tta", {}).items()}
+                    variant.latency_by_tta[self.tta] = variant.latency
                     variant.latency_source = f"plan: {source}" if source else "plan"
                     return False
                 except (plans.PlanError, KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -237,7 +250,8 @@ class Registry:
             except Exception as exc:  # noqa: BLE001 - a failed optimisation must not stop serving
                 log.warning("%s: execution path calibration failed (%s); it runs dense in PyTorch", variant.name, exc)
                 variant.net.reset_paths()
-            variant.latency = self.measure(variant, self.probe_runs)
+            variant.latency_by_tta = {level: self.measure(variant, self.probe_runs, level) for level in TTA_LEVELS}
+            variant.latency = variant.latency_by_tta[self.tta]
             variant.latency_source = "measured at start-up"
             return True
 
@@ -246,18 +260,19 @@ class Registry:
             raise Interrupted("shutting down")
         return interleaved_medians(candidates)
 
-    def measure(self, variant: Variant, runs: int) -> dict[int, dict[str, float]]:
-        """Latency of the service's forward pass (test-time augmentation included) at each batch size."""
+    def measure(self, variant: Variant, runs: int, tta: int | None = None) -> dict[int, dict[str, float]]:
+        """Latency of the service's forward pass at each batch size, test-time augmentation included (the
+        served level, or ``tta``)."""
         latency = {}
         for batch in LATENCY_BATCHES:
             x = torch.randn(batch, 3, 32, 32)
-            self._forward(variant, x)  # warm-up: allocator, oneDNN primitive cache
+            self._forward(variant, x, tta)  # warm-up: allocator, oneDNN primitive cache
             times = []
             for _ in range(runs):
                 if self.stopping.is_set():
                     raise Interrupted("shutting down")
                 began = time.perf_counter()
-                self._forward(variant, x)
+                self._forward(variant, x, tta)
                 times.append(time.perf_counter() - began)
             p50 = statistics.median(times)
             latency[batch] = {"p50_ms": p50 * 1e3, "p95_ms": percentile(times, 95) * 1e3,
@@ -267,23 +282,27 @@ class Registry:
     def plan_entry(self, variant: Variant) -> dict:
         """What a plan records for ``variant`` (see engine/plan.py)."""
         return {"sha256": variant.sha256, **plans.snapshot(variant.net),
-                "latency": {str(b): v for b, v in variant.latency.items()}}
+                "latency": {str(b): v for b, v in variant.latency.items()},
+                "latency_by_tta": {str(level): {str(b): v for b, v in figures.items()}
+                                   for level, figures in sorted(variant.latency_by_tta.items())}}
 
     @property
     def optimised(self) -> bool:
         return self.ready and all(v.latency_source for v in self.variants)
 
     # -- inference -------------------------------------------------------------------------
-    def forward(self, variant: Variant, images: Tensor) -> Tensor:
-        """Normalised float images [N, 3, 32, 32] → class probabilities [N, C] (float32)."""
+    def forward(self, variant: Variant, images: Tensor, tta: int | None = None) -> Tensor:
+        """Normalised float images [N, 3, 32, 32] → class probabilities [N, C] (float32), at the served
+        test-time augmentation level or the request's ``tta``."""
         with self._lock:
-            return self._forward(variant, images)
+            return self._forward(variant, images, tta)
 
     @torch.inference_mode()
-    def _forward(self, variant: Variant, images: Tensor) -> Tensor:
-        # The manifest's test-time augmentation (its accuracies were measured with it): each view is
-        # one forward pass over the whole batch (6 at TTA 2), so its cost is in every latency.
-        logits = tta_logits(variant.net, images.contiguous(memory_format=torch.channels_last), self.tta)
+    def _forward(self, variant: Variant, images: Tensor, tta: int | None = None) -> Tensor:
+        # The manifest's test-time augmentation unless the request chose a level: each view is one
+        # forward pass over the whole batch (6 at TTA 2), so its cost is in every latency.
+        level = self.tta if tta is None else tta
+        logits = tta_logits(variant.net, images.contiguous(memory_format=torch.channels_last), level)
         return torch.softmax(logits.float(), dim=1)
 
     # -- selection -------------------------------------------------------------------------

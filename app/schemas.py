@@ -36,6 +36,7 @@ class Prediction(BaseModel):
 
 class PredictResponse(BaseModel):
     variant: VariantRef
+    tta: int = Field(description="the test-time augmentation level these probabilities were computed at")
     predictions: list[Prediction]
     inference_ms: float = Field(description="server-side time from decoded images to probabilities "
                                             "(queueing and the shared forward pass included)")
@@ -50,6 +51,14 @@ class Latency(BaseModel):
     p50_ms: float
     p95_ms: float
     images_per_s: float
+
+
+class TtaLevel(BaseModel):
+    views: int = Field(description="forward passes per image at this level")
+    test_acc_mean: float | None = Field(description="CIFAR-10 test accuracy (%) at this level, mean over training "
+                                                    "seeds (null: training did not record it)")
+    latency: dict[str, Latency] = Field(description="as `latency`, at this level (empty: not measured yet, or a "
+                                                    "plan from before per-level figures)")
 
 
 class LayerExecution(BaseModel):
@@ -77,6 +86,8 @@ class VariantRow(BaseModel):
     latency: dict[str, Latency] = Field(description="batch_1, batch_8, batch_64 (images per forward pass, "
                                                     "before test-time augmentation views), on the execution path "
                                                     "below; empty until measured or loaded from a plan")
+    tta_levels: dict[str, TtaLevel] = Field(description="per test-time augmentation level a request may choose "
+                                                        "(POST /predict?tta=): its views, accuracy and latency")
     latency_source: str | None = Field(None, description="'plan: <file>' (measured earlier on this kind of machine "
                                                           "by prune-bench plan or another start), 'measured at "
                                                           "start-up', or null while the variant still runs on its "
@@ -106,7 +117,8 @@ class Execution(BaseModel):
 class VariantsResponse(BaseModel):
     classes: list[str]
     precision: str
-    tta: int = Field(0, description="test-time augmentation level applied to every request (0: none)")
+    tta: int = Field(0, description="test-time augmentation level served when a request does not choose one "
+                                    "(0: none); accuracies and latencies above are at this level")
     execution: Execution
     resident_memory_bytes: int | None = Field(None, description="this process's resident memory (RSS) now")
     variants: list[VariantRow]

@@ -56,7 +56,7 @@ class Service:
         self.metrics = Metrics()
         # One inference thread: torch's intra-op threads already use every core this worker is given.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self.batchers: dict[str, MicroBatcher] = {}
+        self.batchers: dict[tuple[str, int], MicroBatcher] = {}  # (variant name, TTA level) → its batcher
         self.execution = "loading"  # loading → dense → applying plan | calibrating | waiting for plan → done
         self.plan_source: str | None = None
         self.plan_key: dict = {}
@@ -181,24 +181,31 @@ class Service:
         the process slows down (MicroBatcher._execute has the figures)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
-    def queued_images(self) -> int:
-        """Images waiting or running in any variant's batcher (they share the inference thread)."""
-        return sum(batcher.pending_images for batcher in self.batchers.values())
+    def queued_images(self, variant: str | None = None) -> int:
+        """Images waiting or running in any batcher (they share the inference thread), or in those of the
+        variant named ``variant`` (one per TTA level requested)."""
+        return sum(batcher.pending_images for (name, _), batcher in self.batchers.items()
+                   if variant is None or name == variant)
 
-    def batcher(self, variant: Variant) -> MicroBatcher:
-        if variant.name not in self.batchers:
-            self.batchers[variant.name] = MicroBatcher(
-                run=lambda images, v=variant: self.registry.forward(v, self._normalize(images)),
+    def batcher(self, variant: Variant, tta: int | None = None) -> MicroBatcher:
+        """The micro-batcher of ``variant`` at TTA level ``tta`` (None: the served one); requests are
+        batched only with requests for the same network and level."""
+        key = (variant.name, self.registry.tta if tta is None else tta)
+        if key not in self.batchers:
+            depth = self.metrics.queue_depth.labels(variant.name)  # the variant's batchers together
+            self.batchers[key] = MicroBatcher(
+                run=lambda images, v=variant, level=key[1]: self.registry.forward(v, self._normalize(images), level),
                 executor=self.executor, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms,
                 queue_size=self.settings.queue_size, on_batch=self.metrics.batch_size.labels(variant.name).observe,
-                on_depth=self.metrics.queue_depth.labels(variant.name).set,
+                on_depth=lambda _, name=variant.name, depth=depth: depth.set(self.queued_images(name)),
             )
-        return self.batchers[variant.name]
+        return self.batchers[key]
 
-    async def predict(self, variant: Variant, images_uint8: Tensor) -> Tensor:
-        """Probabilities for uint8 [N, 3, 32, 32]; normalised in the inference thread with the rest of
-        the batch's tensor work (see MicroBatcher._execute: no tensor math on the event loop)."""
-        return await self.batcher(variant).submit(images_uint8)
+    async def predict(self, variant: Variant, images_uint8: Tensor, tta: int | None = None) -> Tensor:
+        """Probabilities for uint8 [N, 3, 32, 32] at TTA level ``tta`` (None: the served one); normalised
+        in the inference thread with the rest of the batch's tensor work (see MicroBatcher._execute: no
+        tensor math on the event loop)."""
+        return await self.batcher(variant, tta).submit(images_uint8)
 
     def _normalize(self, images_uint8: Tensor) -> Tensor:
         return normalize(images_uint8, self.registry.mean, self.registry.std)

@@ -6,11 +6,13 @@ until every variant has its execution plan, and for each variant × --clients ×
 request, multipart) runs wrk for --seconds after a short warm-up. Prints images/s, latency
 percentiles and errors, then the ratios: each variant vs the dense variant of the same server
 (the service's own dense path, test-time augmentation included as served), and each configuration
-vs the first one (e.g. MAX_BATCH=64 vs 1, or 2 workers vs 1).
+vs the first one (e.g. MAX_BATCH=64 vs 1, or 2 workers vs 1). --tta requests other test-time
+augmentation levels (?tta=); ×dense stays against dense at the served level.
 
     prune-bench http --variants dense channel-keep0.75 --clients 32 --images 64        # variants
     prune-bench http --variants dense --clients 1 32 --images 1 --max-batch 1 64      # micro-batching
     prune-bench http --variants dense --clients 32 --images 1 --workers 1 2          # workers
+    prune-bench http --variants dense channel-keep0.75 --clients 4 --images 64 --tta 0 1 2   # TTA levels
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from PIL import Image
 
 from bench.serve import start_server
 from bench.speed import machine
+from core.model import TTA_LEVELS
 
 WRK_SCRIPT = """
 local f = io.open(os.getenv("BENCH_BODY"), "rb")
@@ -112,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, nargs="+", default=[1], help="images per request")
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="server configurations: worker counts")
     p.add_argument("--max-batch", type=int, nargs="+", default=[64], help="server configurations: MAX_BATCH")
+    p.add_argument("--tta", type=int, nargs="+", choices=TTA_LEVELS, default=None,
+                   help="test-time augmentation levels to request (?tta=); default: the served level. ×dense is "
+                        "always against dense at the served level")
     p.add_argument("--seconds", type=float, default=10, help="length of one wrk run")
     p.add_argument("--warmup", type=float, default=2, help="wrk warm-up before each server's runs")
     p.add_argument("--ready-timeout", type=float, default=600)
@@ -142,37 +148,41 @@ def main(argv: list[str] | None = None) -> int:
                   f"({table['execution']['plan'] or 'measured at start-up'}), precision {table['precision']}, "
                   f"TTA {table['tta']}, {table['execution']['threads']} threads/worker", flush=True)
             wrk(f"{url}/predict?keep=1", multipart(1), 4, args.warmup)
-            for name in args.variants:
+            served = table["tta"]
+            cells = [(name, level) for name in args.variants for level in (args.tta or [served])]
+            if ("dense", served) not in cells:  # what ×dense compares with
+                cells.insert(0, ("dense", served))
+            for name, tta in cells:
                 keep, granularity = keeps[name]
-                target = f"{url}/predict?keep={keep}&granularity={granularity}&top_k=1"
+                target = f"{url}/predict?keep={keep}&granularity={granularity}&top_k=1&tta={tta}"
                 for images in args.images:
                     body = multipart(images)
                     for clients in args.clients:
                         r = wrk(target, body, clients, args.seconds)
                         r.update(workers=workers, max_batch=max_batch, variant=name, images=images,
-                                 clients=clients, images_per_s=r["requests_per_s"] * images)
+                                 clients=clients, images_per_s=r["requests_per_s"] * images, tta=tta, served=served)
                         rows.append(r)
-                        print(f"  {name:>24} {images:>3} img/req {clients:>3} clients: "
+                        print(f"  {name:>24} TTA {tta} {images:>3} img/req {clients:>3} clients: "
                               f"{r['images_per_s']:8.1f} images/s  p50 {r['p50_ms']:7.1f} ms  "
                               f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)
         finally:
             process.terminate()
             process.wait(30)
 
-    print("\n| workers | MAX_BATCH | variant | images/request | clients | images/s | ×dense | ×first config | "
+    print("\n| workers | MAX_BATCH | variant | TTA | images/request | clients | images/s | ×dense | ×first config | "
           "p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     first = configs[0]
 
     def twin(row: dict, **fields: object) -> dict:
         """The row measured like ``row`` except for ``fields``."""
-        keys = ("workers", "max_batch", "variant", "images", "clients")
+        keys = ("workers", "max_batch", "variant", "tta", "images", "clients")
         return next(o for o in rows if all(o[k] == fields.get(k, row[k]) for k in keys))
 
     for r in rows:
-        dense = twin(r, variant="dense")
+        dense = twin(r, variant="dense", tta=r["served"])
         base = twin(r, workers=first[0], max_batch=first[1])
-        print(f"| {r['workers']} | {r['max_batch']} | {r['variant']} | {r['images']} | {r['clients']} | "
+        print(f"| {r['workers']} | {r['max_batch']} | {r['variant']} | {r['tta']} | {r['images']} | {r['clients']} | "
               f"{r['images_per_s']:.1f} | {r['images_per_s'] / dense['images_per_s']:.2f} | "
               f"{r['images_per_s'] / base['images_per_s']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{r['errors']} |")

@@ -4,10 +4,11 @@ figures instead of calibrating at every start.
 
 Per variant: the fastest execution path per layer and batch bucket (engine/compact.py: calibrate),
 then --rounds rounds of --probe-runs timed forward passes per batch bucket through the service's
-own forward (test-time augmentation included), variants interleaved in an order rotated every
-round. The plan keeps, per bucket, the median over rounds of each round's p50 and p95. The file is
-keyed by CPU model and instruction set, torch version, precision and threads: make one per thread
-count you serve with (`--workers 2` on 2 cores runs 1 thread per worker).
+own forward at every test-time augmentation level a request may choose (the served one is the
+variant's headline figure), variants interleaved in an order rotated every round. The plan keeps,
+per bucket and level, the median over rounds of each round's p50 and p95. The file is keyed by CPU
+model and instruction set, torch version, precision and threads: make one per thread count you
+serve with (`--workers 2` on 2 cores runs 1 thread per worker).
 
     prune-bench plan --models-dir models                 # threads = usable cores, precision as served
     prune-bench plan --models-dir models --threads 1     # for prune-serve --workers 2 on 2 cores
@@ -26,33 +27,43 @@ import torch
 from app.registry import LATENCY_BATCHES, Registry
 from app.settings import Settings, usable_cores
 from core.hardware import retain_freed_memory
+from core.model import TTA_LEVELS
 from engine import plan as plans
 from engine.compact import calibrate
 
 
 def measure_plan(registry: Registry, rounds: int, probe_runs: int) -> dict[str, dict]:
-    """Calibrate every variant, then time it over ``rounds`` interleaved rounds; plan entries by name."""
+    """Calibrate every variant, then time it at every TTA level over ``rounds`` interleaved rounds; plan
+    entries by name."""
     for variant in registry.variants:
         calibrate(variant.net, onnx=registry.onnx_runtime)  # path choice, as the service would make it
         print(f"calibrated {variant.name}: {variant.net.path_summary()}", flush=True)
-    samples: dict[str, list[dict]] = {v.name: [] for v in registry.variants}
+    samples: dict[str, dict[int, list[dict]]] = {v.name: {level: [] for level in TTA_LEVELS}
+                                                 for v in registry.variants}
     order = list(registry.variants)
     for round_index in range(rounds):
         shift = round_index * len(order) // max(1, rounds)
         for variant in order[shift:] + order[:shift]:
-            samples[variant.name].append(registry.measure(variant, probe_runs))
+            for level in TTA_LEVELS:
+                samples[variant.name][level].append(registry.measure(variant, probe_runs, level))
         print(f"round {round_index + 1}/{rounds} measured", flush=True)
     entries = {}
     for variant in registry.variants:
-        latency = {}
-        for batch in LATENCY_BATCHES:
-            p50 = statistics.median(s[batch]["p50_ms"] for s in samples[variant.name])
-            latency[batch] = {"p50_ms": p50, "images_per_s": batch / (p50 / 1e3),
-                              "p95_ms": statistics.median(s[batch]["p95_ms"] for s in samples[variant.name]),
-                              "rounds_p50_ms": [round(s[batch]["p50_ms"], 4) for s in samples[variant.name]]}
-        variant.latency = latency
+        variant.latency_by_tta = {level: _medians(samples[variant.name][level]) for level in TTA_LEVELS}
+        variant.latency = variant.latency_by_tta[registry.tta]
         entries[variant.name] = registry.plan_entry(variant)
     return entries
+
+
+def _medians(rounds: list[dict]) -> dict[int, dict]:
+    """Per batch size: the median over rounds of each round's p50 and p95, and every round's p50."""
+    latency = {}
+    for batch in LATENCY_BATCHES:
+        p50 = statistics.median(s[batch]["p50_ms"] for s in rounds)
+        latency[batch] = {"p50_ms": p50, "images_per_s": batch / (p50 / 1e3),
+                          "p95_ms": statistics.median(s[batch]["p95_ms"] for s in rounds),
+                          "rounds_p50_ms": [round(s[batch]["p50_ms"], 4) for s in rounds]}
+    return latency
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,14 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{key['cpu_model']} ({key['isa']}), torch {key['torch']}, {precision}, {threads} threads, "
           f"TTA {registry.tta}, freed memory {'retained' if retained else 'returned (glibc defaults)'}; "
           f"median of {args.rounds} rounds × {args.probe_runs} passes")
-    print("| variant | keep | paths | b1 p50 ms | b8 p50 ms | b64 p50 ms | b64 images/s | b64 spread over rounds |")
-    print("|---|---|---|---|---|---|---|---|")
+    levels = " / ".join(str(level) for level in TTA_LEVELS)
+    print(f"| variant | keep | paths | b1 p50 ms | b8 p50 ms | b64 p50 ms | b64 images/s | b64 spread over rounds | "
+          f"b64 images/s at TTA {levels} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for v in registry.variants:
         rounds64 = v.latency[64]["rounds_p50_ms"]
         spread = (max(rounds64) - min(rounds64)) / statistics.median(rounds64)
+        per_level = " / ".join(f"{v.latency_by_tta[level][64]['images_per_s']:.0f}" for level in TTA_LEVELS)
         print(f"| {v.name} | {v.keep:g} | {v.net.path_summary()} | {v.latency[1]['p50_ms']:.2f} | "
               f"{v.latency[8]['p50_ms']:.2f} | {v.latency[64]['p50_ms']:.2f} | {v.throughput():.0f} | "
-              f"{spread * 100:.1f}% |")
+              f"{spread * 100:.1f}% | {per_level} |")
     print(f"\nplan written to {path} in {time.perf_counter() - began:.0f} s")
     return 0
 

@@ -45,7 +45,18 @@ class VariantEntry(BaseModel):
     test_acc_std: float = Field(ge=0, allow_inf_nan=False)
     test_acc_per_seed: list[float] = []
     test_acc_no_tta_mean: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    # Test accuracy at each TTA level (core.model.TTA_LEVELS), which a request may choose.
+    test_acc_tta0_mean: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    test_acc_tta1_mean: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    test_acc_tta2_mean: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
     drop: float = Field(ge=-100, le=100, allow_inf_nan=False)
+
+    def test_acc_by_tta(self) -> dict[int, float]:
+        """The recorded test accuracy per TTA level (manifests before per-level figures: level 0 only)."""
+        recorded = {level: getattr(self, f"test_acc_tta{level}_mean") for level in TTA_LEVELS}
+        if recorded[0] is None:
+            recorded[0] = self.test_acc_no_tta_mean
+        return {level: acc for level, acc in recorded.items() if acc is not None}
 
     @field_validator("params")
     @classmethod

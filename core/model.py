@@ -204,6 +204,7 @@ def count_parameters(model: GatedNet) -> dict[str, int]:
 
 
 TTA_LEVELS = (0, 1, 2)  # 0: none; 1: + mirror (2 views); 2: + mirror of two 1-pixel translations (6 views)
+TTA_VIEWS = (1, 2, 6)  # forward passes per image at each level
 
 
 def tta_logits(forward: Callable[[Tensor], Tensor], x: Tensor, level: int) -> Tensor:

@@ -19,8 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.main import create_app
 from app.settings import Settings
 from core.checkpoint import load_model
+from core.model import TTA_LEVELS, tta_logits
 from core.preprocess import normalize, preprocess
-from tests.conftest import CLASSES, GLIBC, build_models_dir, jpeg_bytes
+from tests.conftest import CLASSES, GLIBC, build_models_dir, jpeg_bytes, tiny_model
 
 
 def make_client(models_dir: Path, **overrides) -> TestClient:
@@ -107,6 +108,87 @@ def test_predict_matches_the_model_loaded_directly(client: TestClient, models_di
     top = r.json()["predictions"][0]["top_k"]
     for item in top:
         assert abs(item["probability"] - expected[item["index"]].item()) < 1e-5
+
+
+def asymmetric_png() -> bytes:
+    """An image its mirror and 1-pixel translations change (a solid colour is the same in every TTA view)."""
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[:, :, 0] = np.arange(32, dtype=np.uint8)[None, :] * 8  # a left-to-right ramp
+    pixels[4:12, 2:9] = (250, 240, 10)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_request_chooses_its_tta_level(models_dir: Path) -> None:
+    """?tta=L: the probabilities are the network's at that test-time augmentation level (each batched only
+    with its own level), the response says which level answered, and no level leaks into another."""
+    from core import checkpoint
+
+    data = asymmetric_png()
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    entry = manifest["variants"][0]
+    model = tiny_model()
+    with torch.no_grad():  # larger weights: the tiny random network's activations vanish (a constant output,
+        for _, layer in model.gated_layers():  # the same for every view) unless each layer amplifies them
+            layer.weight.mul_(5)
+    size, sha = checkpoint.save_pruned(model, models_dir / entry["file"])
+    entry |= {"bytes": size, "sha256": sha}
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    model = load_model(models_dir / entry["file"], sha).eval()
+    x = normalize(preprocess(Image.open(io.BytesIO(data))).unsqueeze(0), [0.5] * 3, [0.25] * 3)
+
+    def served(query: str) -> tuple[int, list[float]]:
+        r = c.post(f"/predict?keep=1&top_k=10&{query}", content=data, headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        probs = [0.0] * len(CLASSES)
+        for item in body["predictions"][0]["top_k"]:
+            probs[item["index"]] = item["probability"]
+        return body["tta"], probs
+
+    with make_client(models_dir) as c:
+        wait_ready(c)
+        answers = {level: served(f"tta={level}") for level in TTA_LEVELS}
+        omitted = served("")
+        bad_answers = {bad: c.post(f"/predict?{bad}", content=data, headers={"content-type": "image/png"})
+                       for bad in ("tta=3", "tta=-1", "tta=two", "tta=1.5", "keep=auto&max_drop=5&tta=2")}
+        auto = c.post("/predict?keep=auto&max_drop=5&tta=0", content=data, headers={"content-type": "image/png"})
+    assert auto.status_code == 200 and auto.json()["tta"] == 0  # auto at the served level (0 here) is fine
+    expected = {}
+    for level, (answered, probs) in answers.items():
+        with torch.no_grad():
+            expected[level] = torch.softmax(tta_logits(model, x, level), 1)[0].numpy()
+        assert answered == level
+        assert np.allclose(probs, expected[level], atol=1e-5), level
+    for level in (1, 2):  # the levels really differ for this image, by far more than the tolerance
+        assert np.abs(expected[level] - expected[0]).max() > 1e-3, level
+    assert omitted == answers[manifest.get("tta", 0)]  # omitted: the served level
+    for bad, r in bad_answers.items():
+        assert r.status_code == 422 and "tta" in json.dumps(r.json()["detail"]), (bad, r.text)
+
+
+def test_variants_give_accuracy_and_latency_at_every_tta_level(models_dir: Path) -> None:
+    """/variants: per level its views, the accuracy training recorded (the served level's is test_acc_mean),
+    and latency measured at that level."""
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    manifest["tta"] = 2
+    for i, entry in enumerate(manifest["variants"]):
+        entry |= {"test_acc_tta0_mean": 80.0 + i, "test_acc_tta1_mean": 81.0 + i}  # level 2: not recorded
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    with make_client(models_dir) as c:
+        wait_ready(c)
+        body = c.get("/variants").json()
+    assert body["tta"] == 2
+    for row in body["variants"]:
+        levels = row["tta_levels"]
+        assert [levels[str(level)]["views"] for level in TTA_LEVELS] == [1, 2, 6]
+        accuracy = {level: levels[str(level)]["test_acc_mean"] for level in TTA_LEVELS}
+        entry = next(e for e in manifest["variants"] if e["name"] == row["name"])
+        assert accuracy == {0: entry["test_acc_tta0_mean"], 1: entry["test_acc_tta1_mean"], 2: entry["test_acc_mean"]}
+        assert levels["2"]["latency"] == row["latency"]  # the served level's figures are the row's
+        for level in (0, 1):  # measured at start-up at every level, for every batch size
+            assert set(levels[str(level)]["latency"]) == set(row["latency"]) == {"batch_1", "batch_8", "batch_64"}
 
 
 def test_default_and_auto_selection(models_dir: Path) -> None:
@@ -391,7 +473,7 @@ def test_queue_full_gives_503_before_decoding(models_dir: Path) -> None:
             service = app.state.service
             await service.wait_loaded()
             forward = service.registry.forward
-            service.registry.forward = lambda v, x: (release.wait(10), forward(v, x))[1]
+            service.registry.forward = lambda v, x, *a: (release.wait(10), forward(v, x, *a))[1]
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
                 files = [("files", (f"{i}.jpg", jpeg_bytes((i, 2, 3)))) for i in range(2)]

@@ -61,12 +61,13 @@ def test_http_bench_compares_variants_and_configurations(models_dir: Path, capsy
         pytest.skip("wrk is not installed (.ci/run installs it)")
     assert prune_bench(["http", "--models-dir", str(models_dir), "--variants", "gate-keep0.10", "--clients", "2",
                         "--images", "1", "--max-batch", "1", "8", "--seconds", "1", "--warmup", "1",
-                        "--port", str(free_port())]) == 0
+                        "--tta", "0", "1", "--port", str(free_port())]) == 0
     text = capsys.readouterr().out
-    rows = [line for line in text.splitlines() if line.startswith("| 1 |")]
-    assert len(rows) == 4  # 2 variants (dense added) × 2 server configurations
-    assert all(row.split("|")[3].strip() in ("dense", "gate-keep0.10") for row in rows)
-    assert "| 1 | 1 | dense | 1 | 2 |" in text and "1.00 | 1.00 |" in text
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 8  # 2 variants (dense added) × 2 TTA levels × 2 server configurations
+    assert {(row[2], row[3]) for row in rows} == {(v, t) for v in ("dense", "gate-keep0.10") for t in ("0", "1")}
+    dense_served = next(row for row in rows if row[:4] == ["1", "1", "dense", "0"])  # the test manifest serves 0
+    assert dense_served[7:9] == ["1.00", "1.00"]  # ×dense is against it, as is ×first config
 
 
 def test_failover_behind_haproxy_loses_no_request(models_dir: Path, capsys: pytest.CaptureFixture) -> None:

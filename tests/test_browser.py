@@ -55,8 +55,11 @@ def test_upload_an_image_and_see_its_class(page, live_server: LiveServer, tmp_pa
     assert top in ("cat", "dog", "frog")
     probability = page.locator(".card .prob").first.inner_text()
     assert probability.endswith("%") and 0 < float(probability[:-1]) <= 100
-    assert "gate-keep0.50" in page.locator("#status").inner_text()
+    assert "gate-keep0.50 (TTA 0)" in page.locator("#status").inner_text()  # the served level was preselected
     assert page.locator("tr.chosen").first.get_attribute("data-name") == "gate-keep0.50"
+    page.select_option("#tta", "2")  # 6 views
+    page.click("#classify")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('(TTA 2) answered')")
     # auto with a budget, across granularities
     page.check("input[value=auto]")
     page.fill("#max-drop", "10")

@@ -108,6 +108,42 @@ def test_calibration_lock_admits_one_holder(tmp_path: Path) -> None:
     second.release()
 
 
+def test_a_plan_carries_every_tta_levels_latency_and_an_older_plan_the_served_ones(tmp_path: Path) -> None:
+    root = build_models_dir(tmp_path / "models", keeps=(1.0,), channel_keeps=())
+    measured = Registry(root, "fp32", probe_runs=1)
+    measured.load()  # no plan: calibrates and measures every level
+    variant = measured.variants[0]
+    assert sorted(variant.latency_by_tta) == [0, 1, 2] and variant.latency is variant.latency_by_tta[measured.tta]
+    entry = json.loads(json.dumps(measured.plan_entry(variant)))  # as written to and read from a file
+
+    applied = Registry(root, "fp32", probe_runs=1)
+    applied.load_models()
+    applied.optimise(applied.variants[0], entry, "plan.json")
+    assert applied.variants[0].latency_by_tta == variant.latency_by_tta
+    assert applied.variants[0].latency_source == "plan: plan.json"
+
+    older = {k: v for k, v in entry.items() if k != "latency_by_tta"}  # written before per-level figures
+    again = Registry(root, "fp32", probe_runs=1)
+    again.load_models()
+    again.optimise(again.variants[0], older, "old.json")
+    assert again.variants[0].latency_by_tta == {again.tta: variant.latency}  # the served level only: not measured
+
+
+def test_prune_bench_plan_measures_every_tta_level(tmp_path: Path) -> None:
+    from bench.plan import measure_plan
+
+    root = build_models_dir(tmp_path / "models", keeps=(1.0, 0.5), channel_keeps=())
+    registry = Registry(root, "fp32", probe_runs=3)
+    registry.load_models()
+    entries = json.loads(json.dumps(measure_plan(registry, rounds=2, probe_runs=3)))
+    for entry in entries.values():
+        assert sorted(entry["latency_by_tta"]) == ["0", "1", "2"]
+        assert entry["latency"] == entry["latency_by_tta"][str(registry.tta)]
+        for figures in entry["latency_by_tta"].values():
+            assert sorted(figures, key=int) == [str(b) for b in BATCH_BUCKETS]
+            assert all(len(f["rounds_p50_ms"]) == 2 and f["p50_ms"] > 0 for f in figures.values())
+
+
 # -- keep=auto ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:

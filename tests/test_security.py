@@ -78,7 +78,7 @@ def test_a_request_past_the_timeout_gets_504(models_dir: Path) -> None:
             service = app.state.service
             await service.wait_loaded()
             forward = service.registry.forward
-            service.registry.forward = lambda v, x: (__import__("time").sleep(1.0), forward(v, x))[1]
+            service.registry.forward = lambda v, x, *a: (__import__("time").sleep(1.0), forward(v, x, *a))[1]
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
                 r = await c.post("/predict", files=IMAGE)

@@ -82,6 +82,29 @@ def test_auto_model_chooses_from_parameters(client) -> None:
     assert chosen.get_response()["parameters"]["variant"] == "channel-keep0.50"
 
 
+def test_the_tta_parameter_chooses_the_level_like_predicts_query(client, live_server: LiveServer) -> None:
+    images, files = pixels(2)
+    tensor = httpclient.InferInput("IMAGE", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images)
+    for level in (0, 1, 2):
+        result = client.infer("dense", [tensor], parameters={"tta": level})
+        assert result.get_response()["parameters"]["tta"] == level
+        rest = httpx.post(f"{live_server.url}/predict?keep=1&tta={level}&top_k={len(CLASSES)}",
+                          files=[("files", (f"{i}.jpg", f)) for i, f in enumerate(files)]).json()
+        assert rest["tta"] == level
+        for row, prediction in zip(result.as_numpy("probabilities"), rest["predictions"]):
+            assert np.allclose([row[t["index"]] for t in prediction["top_k"]],
+                               [t["probability"] for t in prediction["top_k"]], atol=1e-5)
+    for bad in (3, -1, "1", True, 0.5):
+        with pytest.raises(InferenceServerException, match="parameter tta must be one of 0, 1, 2"):
+            client.infer("dense", [tensor], parameters={"tta": bad})
+    # auto chooses by the served level's figures (the test manifest serves 0): another level is refused
+    with pytest.raises(InferenceServerException, match="served TTA level"):
+        client.infer("auto", [tensor], parameters={"max_drop": 1.0, "tta": 2})
+    chosen = client.infer("auto", [tensor], parameters={"keep": 0.5, "tta": 2}).get_response()["parameters"]
+    assert chosen["variant"] == "gate-keep0.50" and chosen["tta"] == 2  # a named keep may take any level
+
+
 def test_errors_are_4xx_with_an_error_body(client, live_server: LiveServer) -> None:
     images, _ = pixels(1)
     tensor = httpclient.InferInput("IMAGE", [1, 16, 16, 3], "UINT8")

@@ -24,7 +24,7 @@ def _json_view(service: Service) -> dict:
              "drop": v.drop, "params": v.params, "checkpoint_bytes": v.bytes,
              "startup_latency": {f"batch_{b}": s for b, s in sorted(v.latency.items())},
              "live_latency": service.metrics.live_latency(v.name),
-             "queued_images": service.batchers[v.name].pending_images if v.name in service.batchers else 0}
+             "queued_images": service.queued_images(v.name)}
             for v in registry.variants
         ],
     }

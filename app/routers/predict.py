@@ -18,6 +18,7 @@ from app.images import ImageError, decode_pixels, open_image
 from app.registry import AutoError, Variant
 from app.schemas import ErrorResponse, PredictResponse
 from app.service import Service, get_ready_service
+from core.model import TTA_LEVELS
 
 router = APIRouter(tags=["predict"])
 
@@ -26,7 +27,7 @@ INLINE_DECODE_PIXELS = 64 * 64 * 64  # e.g. 64 CIFAR-sized images
 _ERRORS = {
     413: {"model": ErrorResponse, "description": "body, image count or image pixels over the limit"},
     415: {"model": ErrorResponse, "description": "unsupported content type, or a file no image decoder reads"},
-    422: {"model": ErrorResponse, "description": "bad query (keep, top_k, max_drop), empty file or image "
+    422: {"model": ErrorResponse, "description": "bad query (keep, top_k, max_drop, tta), empty file or image "
                                                  "without pixels"},
     503: {"model": ErrorResponse, "description": "not ready, or the queue is full (see Retry-After)"},
 }
@@ -102,10 +103,18 @@ def is_auto(keep: str | None) -> bool:
     return keep is not None and keep.strip().lower() == "auto"
 
 
-def admit(service: Service, variant: Variant, images: int) -> None:
+def check_tta(service: Service, keep: str | None, tta: int | None) -> None:
+    """keep=auto ranks variants by their accuracy and latency at the served TTA level; another level
+    would answer with figures it was not chosen by."""
+    if is_auto(keep) and tta is not None and tta != service.registry.tta:
+        raise HTTPException(422, detail=f"keep=auto chooses by the figures at the served TTA level "
+                                        f"({service.registry.tta}); omit tta or name a keep")
+
+
+def admit(service: Service, variant: Variant, images: int, tta: int | None = None) -> None:
     """Refuse a request the queue cannot take, before its images are read or decoded."""
     try:
-        service.batcher(variant).admit(images)
+        service.batcher(variant, tta).admit(images)
     except QueueFull as exc:
         raise HTTPException(503, detail=f"server busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from exc
     except ShuttingDown as exc:
@@ -162,16 +171,22 @@ async def predict(
                               "dense layers). Chooses between the two variants when both have the keep, and "
                               "the family when keep is omitted; keep=auto searches both"),
     top_k: int = Query(3, ge=1, le=1000, description="how many classes with probabilities to return"),
+    tta: int | None = Query(
+        None, ge=min(TTA_LEVELS), le=max(TTA_LEVELS),
+        description="test-time augmentation views: 0 = the image alone (1 forward pass), 1 = + its mirror (2), "
+                    "2 = + two mirrored 1-pixel translations (6). Omitted: the level the service serves (GET "
+                    "/variants: tta). Each variant's accuracy and latency at every level: GET /variants, tta_levels"),
     service: Service = Depends(get_ready_service),
 ) -> dict:
     began = time.perf_counter()
     variant_label, status, count = "none", 500, 0
     try:
+        check_tta(service, keep, tta)
         if not is_auto(keep):
             selection = resolve_variant(service, keep, max_drop, granularity, max_latency_ms)
             variant = selection.variant
             variant_label = variant.name
-            admit(service, variant, 1)  # a full queue refuses before the body is read
+            admit(service, variant, 1, tta)  # a full queue refuses before the body is read
         uploads = await read_uploads(request, service)
         count = len(uploads)
         if count > service.settings.max_images:
@@ -180,12 +195,13 @@ async def predict(
             selection = resolve_variant(service, keep, max_drop, granularity, max_latency_ms, images=count)
             variant = selection.variant
             variant_label = variant.name
-        admit(service, variant, count)  # and before any image is decoded
+        admit(service, variant, count, tta)  # and before any image is decoded
         pixels = await decode_images(service, uploads)
         started = time.perf_counter()
-        probs = await infer(service, variant, pixels)
+        probs = await infer(service, variant, pixels, tta)
         inference_ms = (time.perf_counter() - started) * 1e3
-        response = _response(service, variant, uploads, probs, top_k, inference_ms)
+        response = _response(service, variant, uploads, probs, top_k, inference_ms,
+                             service.registry.tta if tta is None else tta)
         if max_latency_ms is not None and is_auto(keep):
             response["latency_budget_met"] = selection.latency_budget_met
             response["estimated_ms"] = selection.estimated_ms
@@ -216,10 +232,11 @@ async def decode_images(service: Service, uploads: list[tuple[str, bytes]]) -> t
     return torch.stack(tensors)
 
 
-async def infer(service: Service, variant: Variant, pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 3, 32, 32] → probabilities [N, C] through the variant's micro-batcher (503 when busy)."""
+async def infer(service: Service, variant: Variant, pixels: torch.Tensor, tta: int | None = None) -> torch.Tensor:
+    """uint8 [N, 3, 32, 32] → probabilities [N, C] through the variant's micro-batcher at TTA level ``tta``
+    (None: the served one); 503 when busy."""
     try:
-        return await service.predict(variant, pixels)
+        return await service.predict(variant, pixels, tta)
     except QueueFull as exc:
         raise HTTPException(503, detail=f"server busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from exc
     except ShuttingDown as exc:
@@ -227,7 +244,7 @@ async def infer(service: Service, variant: Variant, pixels: torch.Tensor) -> tor
 
 
 def _response(service: Service, variant: Variant, uploads: list[tuple[str, bytes]], probs, top_k: int,
-              inference_ms: float) -> dict:
+              inference_ms: float, tta: int) -> dict:
     classes = service.registry.classes
     k = min(top_k, len(classes))
     values, indices = probs.topk(k, dim=1)
@@ -238,4 +255,4 @@ def _response(service: Service, variant: Variant, uploads: list[tuple[str, bytes
                             "probability": top[0]["probability"], "top_k": top})
     return {"variant": {"name": variant.name, "keep": variant.keep, "sparsity": variant.sparsity,
                         "granularity": variant.granularity},
-            "predictions": predictions, "inference_ms": inference_ms}
+            "tta": tta, "predictions": predictions, "inference_ms": inference_ms}

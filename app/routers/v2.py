@@ -6,7 +6,8 @@ followed by raw tensors) and classification extension (`class_count` → "score:
 
 Every variant is a model, named as in /variants, version "1". The model `auto` lets the server choose
 from request parameters: `keep` (+ `granularity`) names a variant, or `max_drop` / `max_latency_ms` as
-for /predict. Inputs (send one of them):
+for /predict. Any model takes the parameter `tta` (0, 1 or 2: test-time augmentation views, as /predict's
+query; default the served level). Inputs (send one of them):
   IMAGE        UINT8 [N, 32, 32, 3]  RGB pixels at the model's size (the client resizes)
   IMAGE_BYTES  BYTES [N]             encoded image files, decoded with /predict's limits
 Output `probabilities` FP32 [N, classes]. Requests go through the same micro-batchers and metrics as
@@ -27,8 +28,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from app.registry import Variant
-from app.routers.predict import admit, decode_images, infer, resolve_variant
+from app.routers.predict import admit, check_tta, decode_images, infer, resolve_variant
 from app.service import Service, get_service
+from core.model import TTA_LEVELS
 from core.preprocess import IMAGE_SIZE
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -113,7 +115,7 @@ def _metadata(service: Service, name: str, variant: Variant | None) -> dict:
                        "drop": variant.drop}
     else:
         parameters |= {"chooses_from": [v.name for v in service.registry.variants],
-                       "request_parameters": ["keep", "granularity", "max_drop", "max_latency_ms"]}
+                       "request_parameters": ["keep", "granularity", "max_drop", "max_latency_ms", "tta"]}
     return {"name": name, "versions": [VERSION], "platform": "pytorch_compact",
             "inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [-1, IMAGE_SIZE, IMAGE_SIZE, 3]},
                        {"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [-1]}],
@@ -264,7 +266,7 @@ async def _pixels(service: Service, name: str, item: dict, data: memoryview | No
         raise _fail(exc.status_code, str(exc.detail)) from None
 
 
-def _choose(service: Service, variant: Variant | None, parameters: dict, images: int) -> Variant:
+def _choose(service: Service, variant: Variant | None, parameters: dict, images: int, tta: int) -> Variant:
     if variant is not None:
         return variant
     keep = parameters.get("keep", AUTO if {"max_drop", "max_latency_ms"} & set(parameters) else None)
@@ -282,10 +284,19 @@ def _choose(service: Service, variant: Variant | None, parameters: dict, images:
     if granularity not in ("weight", "channel"):
         raise _fail(400, f"parameter granularity must be 'weight' or 'channel', got {granularity!r}")
     try:
+        check_tta(service, keep, tta)
         return resolve_variant(service, keep, number("max_drop"), granularity, number("max_latency_ms"),
                                images=images).variant
     except HTTPException as exc:
         raise _fail(400 if exc.status_code == 422 else exc.status_code, str(exc.detail)) from None
+
+
+def _tta(service: Service, parameters: dict) -> int:
+    """The request's test-time augmentation level (parameter tta), else the served one."""
+    level = parameters.get("tta", service.registry.tta)
+    if isinstance(level, bool) or level not in TTA_LEVELS:
+        raise _fail(400, f"parameter tta must be one of {', '.join(map(str, TTA_LEVELS))}, got {level!r}")
+    return int(level)
 
 
 def _outputs(header: dict, classes: int) -> list[dict]:
@@ -360,15 +371,17 @@ async def _infer(model: str, version: str | None, request: Request, service: Ser
         outputs = _outputs(header, len(service.registry.classes))
         shape = _shape(item)
         count = shape[0] if shape else 0
-        variant = _choose(service, fixed, parameters, max(1, count))
+        tta = _tta(service, parameters)
+        variant = _choose(service, fixed, parameters, max(1, count), tta)
         label = variant.name
-        admit(service, variant, max(1, count))  # before any image is decoded
+        admit(service, variant, max(1, count), tta)  # before any image is decoded
         pixels = await _pixels(service, name, item, data)
         count = len(pixels)
-        probs = await infer(service, variant, pixels)
+        probs = await infer(service, variant, pixels, tta)
         encoded = [_encode(probs, output, service.registry.classes) for output in outputs]
         body = {"model_name": model, "model_version": VERSION, "outputs": [d for d, _ in encoded],
-                "parameters": {"variant": variant.name, "keep": variant.keep, "granularity": variant.granularity}}
+                "parameters": {"variant": variant.name, "keep": variant.keep, "granularity": variant.granularity,
+                               "tta": tta}}
         if "id" in header:
             body["id"] = header["id"]
         status = 200

@@ -24,7 +24,9 @@ async function loadVariants() {
     if (response.status === 503) setTimeout(loadVariants, 2000);  // still loading: try again
     return;
   }
-  variants = (await response.json()).variants;
+  const table = await response.json();
+  variants = table.variants;
+  if (!$("tta").dataset.chosen) $("tta").value = String(table.tta);  // the served level, until one is picked
   fillKeeps();
   const rows = variants.map((v) => {
     const one = v.latency.batch_1 ? v.latency.batch_1.p50_ms.toFixed(1) : "–";
@@ -58,6 +60,7 @@ async function classify(event) {
   } else {
     params.set("keep", $("keep").value);
     params.set("granularity", $("granularity").value);
+    params.set("tta", $("tta").value);  // auto chooses by the served level's figures, so only here
   }
   const form = new FormData();
   chosenFiles.forEach((f) => form.append("files", f, f.name));
@@ -71,7 +74,7 @@ async function classify(event) {
     return;
   }
   const roundTrip = performance.now() - started;
-  setStatus(`${body.variant.name} answered: ${body.inference_ms.toFixed(1)} ms on the server, ` +
+  setStatus(`${body.variant.name} (TTA ${body.tta}) answered: ${body.inference_ms.toFixed(1)} ms on the server, ` +
             `${roundTrip.toFixed(0)} ms round trip`);
   document.querySelectorAll("#variants tr").forEach((tr) =>
     tr.classList.toggle("chosen", tr.dataset.name === body.variant.name));
@@ -87,6 +90,7 @@ async function classify(event) {
 
 $("files").addEventListener("change", (e) => useFiles(e.target.files));
 $("granularity").addEventListener("change", fillKeeps);
+$("tta").addEventListener("change", () => { $("tta").dataset.chosen = "1"; });
 $("choice").addEventListener("submit", classify);
 $("api-key").addEventListener("change", loadVariants);
 const drop = $("drop");
