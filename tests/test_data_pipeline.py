@@ -121,6 +121,24 @@ def test_validation_split_is_stratified_disjoint_and_seeded() -> None:
     assert torch.equal(split_validation(labels, 20, seed=0)[1], val)
 
 
+def test_a_lamp_ranked_phase_2_ships_under_its_own_name(image_folder: Path, tmp_path: Path) -> None:
+    """--prune-criterion lamp: the fine-tuned variants are LAMP-ranked, and named and described so."""
+    out = tmp_path / "models"
+    args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(tmp_path / "runs"), "--seeds", "1",
+            "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8", "--val-size", "3",
+            "--keeps", "0.5", "0.1", "--prune-max-keep", "0.1", "--methods", "gate_magnitude", "--prune-steps", "1",
+            "--prune-criterion", "lamp", "--ship-finetune-min-gain", "-100", "--calib-images", "8",
+            "--precision", "fp32", "--floor", "0.01", "--channel-keeps"]
+    assert prune_train(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    shipped = {v["keep"]: (v["name"], v["criterion"], v["file"], v["finetuned"]) for v in manifest["variants"]}
+    assert shipped == {1.0: ("dense", "dense", "variants/dense.safetensors", False),
+                       0.5: ("gate_magnitude-keep0.50", "gate_magnitude",  # one-shot: by the ship criterion
+                             "variants/gate_magnitude-keep0.50.safetensors", False),
+                       0.1: ("lamp-keep0.10", "lamp", "variants/lamp-keep0.10-ft.safetensors", True)}
+    assert manifest["training"]["phase2"]["criterion"] == "lamp"
+
+
 def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     out, work = tmp_path / "models", tmp_path / "runs"

@@ -235,6 +235,12 @@ def _evaluate(model: GatedNet, splits: dict, cfg: TrainConfig, tta: int) -> dict
     return {**row, **count_parameters(model)}
 
 
+def _shipped_label(args: argparse.Namespace, finetuned: bool) -> str:
+    """What a shipped weight variant is named after: its one-shot criterion, or for a fine-tuned one the
+    ranking phase 2 pruned by where that is not gate_magnitude (a LAMP-ranked network is named lamp-…)."""
+    return args.prune_criterion if finetuned and args.prune_criterion != "gate_magnitude" else args.ship_criterion
+
+
 def _variant_file(criterion: str, keep: float, finetuned: bool) -> str:
     return f"{_variant_name(criterion, keep)}{'-ft' if finetuned else ''}.safetensors"
 
@@ -298,8 +304,8 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
                **_evaluate(model, splits, cfg, args.tta), "seconds": round(time.perf_counter() - began, 2)}
         if release and (criterion == args.ship_criterion or keep == 1.0):
             # The release seed's candidates for shipping, written as they come; export picks.
-            checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(args.ship_criterion, keep,
-                                                                                finetuned),
+            checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(_shipped_label(args, finetuned),
+                                                                                keep, finetuned),
                                    None if finetuned else base)
         _write_json_atomic(done, row)  # after its checkpoint: a recorded variant always has one
         rows.append(row)
@@ -422,11 +428,12 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
                  and r["granularity"] == "weight"}
         finetuned = _ship_finetuned(stats, args.ship_finetune_min_gain)
         best = stats[finetuned]
-        source = release_dir / "variants" / _variant_file(args.ship_criterion, keep, finetuned)
+        label = _shipped_label(args, finetuned)
+        source = release_dir / "variants" / _variant_file(label, keep, finetuned)
         data = source.read_bytes()
         (out / "variants" / source.name).write_bytes(data)
         variants.append({
-            "name": _variant_name(args.ship_criterion, keep), "criterion": best["criterion"],
+            "name": _variant_name(label, keep), "criterion": best["criterion"] if keep == 1.0 else label,
             "keep": keep, "sparsity": round(1 - keep, 4), "granularity": "weight",
             "file": f"variants/{source.name}", "bytes": len(data), "sha256": checkpoint.sha256_bytes(data),
             "params": {"total": best["total"], "prunable": best["prunable"], "nonzero": best["nonzero"]},
