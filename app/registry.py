@@ -80,17 +80,6 @@ class Variant:
     def throughput(self, batch: int = LATENCY_BATCHES[-1]) -> float:
         return self.latency.get(batch, {}).get("images_per_s", 0.0)
 
-    def p95_ms(self, batch: int) -> float | None:
-        """p95 latency of a forward pass of ``batch`` images: the figure of the smallest measured
-        batch size that holds them (conservative), scaled up linearly past the largest."""
-        if not self.latency:
-            return None
-        sizes = sorted(self.latency)
-        fitting = [b for b in sizes if b >= batch]
-        if fitting:
-            return self.latency[fitting[0]]["p95_ms"]
-        return self.latency[sizes[-1]]["p95_ms"] * batch / sizes[-1]
-
     def describe(self) -> dict:
         return {
             "name": self.name, "keep": self.keep, "sparsity": self.sparsity, "granularity": self.granularity,
@@ -321,54 +310,108 @@ class Registry:
         dense path, which is what runs until then). Either way the same figures give the same answer."""
         return "measured" if self.optimised else "compute"
 
-    def speed(self, variant: Variant, basis: str) -> float:
-        return variant.throughput() if basis == "measured" else 1e9 / max(1, variant.net.macs())
+    # A variant at a TTA level is a point of the trade-off: keep=auto chooses among these. The served
+    # level's figures are the variant's own (test_acc_mean, drop, latency); other levels' come from
+    # the manifest's per-level accuracies and the per-level latencies, where both exist.
+    def accuracy(self, variant: Variant, tta: int) -> float | None:
+        return variant.test_acc_mean if tta == self.tta else variant.test_acc_by_tta.get(tta)
 
-    def pareto(self, basis: str | None = None) -> list[Variant]:
-        """Variants that no other beats on both accuracy and speed (ties are not beaten)."""
+    def drop(self, variant: Variant, tta: int) -> float | None:
+        """Points lost against dense as served (``variant.drop`` at the served level)."""
+        accuracy = self.accuracy(variant, tta)
+        return None if accuracy is None else variant.drop + variant.test_acc_mean - accuracy
+
+    def latency(self, variant: Variant, tta: int) -> dict[int, dict[str, float]]:
+        return variant.latency if tta == self.tta else variant.latency_by_tta.get(tta, {})
+
+    def speed(self, variant: Variant, basis: str, tta: int | None = None) -> float:
+        tta = self.tta if tta is None else tta
+        if basis == "measured":
+            return self.latency(variant, tta).get(LATENCY_BATCHES[-1], {}).get("images_per_s", 0.0)
+        return 1e9 / max(1, variant.net.macs() * TTA_VIEWS[tta])
+
+    def choices(self, basis: str, levels: tuple[int, ...] | None = None) -> list[Choice]:
+        """Every variant at every level (of ``levels``) with an accuracy and, on the measured basis, a
+        measured speed."""
+        return [Choice(v, level) for v in self.variants for level in (TTA_LEVELS if levels is None else levels)
+                if self.accuracy(v, level) is not None and (basis == "compute" or self.speed(v, basis, level) > 0)]
+
+    def pareto(self, basis: str | None = None, levels: tuple[int, ...] | None = None) -> list[Choice]:
+        """Choices that no other beats on both accuracy and speed (ties are not beaten)."""
         basis = basis or self.speed_basis()
-        speed = {v.name: self.speed(v, basis) for v in self.variants}
-        return [v for v in self.variants if not any(
-            o.test_acc_mean >= v.test_acc_mean and speed[o.name] >= speed[v.name]
-            and (o.test_acc_mean > v.test_acc_mean or speed[o.name] > speed[v.name]) for o in self.variants)]
+        points = [(c, self.accuracy(c.variant, c.tta), self.speed(c.variant, basis, c.tta))
+                  for c in self.choices(basis, levels)]
+        return [c for c, acc, speed in points if not any(
+            a >= acc and s >= speed and (a > acc or s > speed) for _, a, s in points)]
 
     def latency_estimate_ms(self, variant: Variant, images: int, queued_images: int = 0,
-                            max_batch: int = LATENCY_BATCHES[-1]) -> float | None:
+                            max_batch: int = LATENCY_BATCHES[-1], tta: int | None = None) -> float | None:
         """Estimated p95 wait for ``images`` more images with ``queued_images`` ahead of them: the measured
-        p95 of a pass holding them (up to MAX_BATCH) times the passes needed. None until measured."""
+        p95 of a pass holding them (up to MAX_BATCH) at the level, times the passes needed. None until
+        measured."""
         total = queued_images + images
-        p95 = variant.p95_ms(min(total, max_batch))
+        p95 = p95_ms(self.latency(variant, self.tta if tta is None else tta), min(total, max_batch))
         return None if p95 is None else p95 * math.ceil(total / max_batch)
 
     def auto(self, max_drop: float | None = None, max_latency_ms: float | None = None, images: int = 1,
-             queued_images: int = 0, max_batch: int = LATENCY_BATCHES[-1]) -> Variant:
-        """The variant keep=auto answers with, across both granularities, only ever a Pareto-optimal one.
+             queued_images: int = 0, max_batch: int = LATENCY_BATCHES[-1],
+             levels: tuple[int, ...] | None = None) -> Choice:
+        """The variant and TTA level keep=auto answers with, across both granularities and every level
+        (or ``levels``), only ever a Pareto-optimal one.
 
         max_drop only: the fastest whose accuracy drop is ≤ max_drop points; speeds within NEAR_TIE
-        of it are a tie, won by accuracy, then by the smaller keep.
-        max_latency_ms (with or without max_drop): the most accurate variant whose estimated latency
+        of it are a tie, won by accuracy, then by the smaller keep, then by fewer views.
+        max_latency_ms (with or without max_drop): the most accurate choice whose estimated latency
         for this request fits (``latency_estimate_ms`` at the current queue depth). When none fits, or
         before latencies are measured, the fastest one: a best effort the caller reports as such.
-        Raises AutoError (422) only when no variant is within max_drop, or neither budget is given."""
+        Raises AutoError (422) only when no choice is within max_drop, or neither budget is given."""
         if max_drop is None and max_latency_ms is None:
             raise AutoError("keep=auto needs max_drop (accuracy points you accept to lose) and/or max_latency_ms")
         basis = self.speed_basis()
-        candidates = self.pareto(basis)
+        candidates = self.pareto(basis, levels)
+        if not candidates:
+            raise AutoError(f"no variant has a recorded accuracy and a speed at TTA level "
+                            f"{', '.join(map(str, levels or ()))}; omit tta to let keep=auto choose the level")
+        accuracy = {id(c): self.accuracy(c.variant, c.tta) for c in candidates}
+        speed = {id(c): self.speed(c.variant, basis, c.tta) for c in candidates}
         if max_drop is not None:
-            candidates = [v for v in candidates if v.drop <= max_drop]
-            if not candidates:
+            drops = {id(c): self.drop(c.variant, c.tta) for c in candidates}
+            within = [c for c in candidates if drops[id(c)] <= max_drop]
+            if not within:
                 raise AutoError(f"no variant loses at most {max_drop:g} points; smallest drop is "
-                                f"{min(v.drop for v in self.variants):.2f}")
-        best = max(self.speed(v, basis) for v in candidates)
-        tied = [v for v in candidates if self.speed(v, basis) >= best * (1 - NEAR_TIE)]
-        fastest = max(tied, key=lambda v: (v.test_acc_mean, -v.keep))
+                                f"{min(drops.values()):.2f}")
+            candidates = within
+        best = max(speed[id(c)] for c in candidates)
+        tied = [c for c in candidates if speed[id(c)] >= best * (1 - NEAR_TIE)]
+        fastest = max(tied, key=lambda c: (accuracy[id(c)], -c.variant.keep, -c.tta))
         if max_latency_ms is None or basis != "measured":
             return fastest
-        estimates = {v.name: self.latency_estimate_ms(v, images, queued_images, max_batch) for v in candidates}
-        fitting = [v for v in candidates if estimates[v.name] <= max_latency_ms]
+        estimates = {id(c): self.latency_estimate_ms(c.variant, images, queued_images, max_batch, c.tta)
+                     for c in candidates}
+        fitting = [c for c in candidates if estimates[id(c)] <= max_latency_ms]
         if not fitting:
-            return min(candidates, key=lambda v: (estimates[v.name], -v.test_acc_mean, v.keep))
-        return max(fitting, key=lambda v: (v.test_acc_mean, v.throughput(), -v.keep))
+            return min(candidates, key=lambda c: (estimates[id(c)], -accuracy[id(c)], c.variant.keep))
+        return max(fitting, key=lambda c: (accuracy[id(c)], speed[id(c)], -c.variant.keep))
+
+
+@dataclass(frozen=True, eq=False)
+class Choice:
+    """A variant at a test-time augmentation level: a point of the trade-off, what keep=auto answers with."""
+
+    variant: Variant
+    tta: int
+
+
+def p95_ms(latency: dict[int, dict[str, float]], batch: int) -> float | None:
+    """p95 latency of a forward pass of ``batch`` images: the figure of the smallest measured batch size
+    that holds them (conservative), scaled up linearly past the largest."""
+    if not latency:
+        return None
+    sizes = sorted(latency)
+    fitting = [b for b in sizes if b >= batch]
+    if fitting:
+        return latency[fitting[0]]["p95_ms"]
+    return latency[sizes[-1]]["p95_ms"] * batch / sizes[-1]
 
 
 def percentile(values: list[float], q: float) -> float:

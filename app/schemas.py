@@ -59,6 +59,8 @@ class TtaLevel(BaseModel):
                                                     "seeds (null: training did not record it)")
     latency: dict[str, Latency] = Field(description="as `latency`, at this level (empty: not measured yet, or a "
                                                     "plan from before per-level figures)")
+    pareto: bool = Field(description="this variant at this level is Pareto-optimal among every variant at every "
+                                     "level (keep=auto only answers with these)")
 
 
 class LayerExecution(BaseModel):
@@ -93,8 +95,8 @@ class VariantRow(BaseModel):
                                                           "start-up', or null while the variant still runs on its "
                                                           "compact dense path unmeasured")
     macs_per_image: int = Field(description="multiply-adds per view on the compact dense path")
-    pareto: bool = Field(description="no other variant is both more accurate and faster (keep=auto only picks "
-                                     "these)")
+    pareto: bool = Field(description="at the served TTA level, no variant at any level is both more accurate and "
+                                     "faster (tta_levels has the same for every level; keep=auto only picks these)")
     resident_bytes: int = Field(description="bytes this variant's compact network holds in memory (weights, "
                                             "sparse structures, ONNX graph)")
     execution: list[LayerExecution]

@@ -152,9 +152,13 @@ def test_a_request_chooses_its_tta_level(models_dir: Path) -> None:
         answers = {level: served(f"tta={level}") for level in TTA_LEVELS}
         omitted = served("")
         bad_answers = {bad: c.post(f"/predict?{bad}", content=data, headers={"content-type": "image/png"})
-                       for bad in ("tta=3", "tta=-1", "tta=two", "tta=1.5", "keep=auto&max_drop=5&tta=2")}
-        auto = c.post("/predict?keep=auto&max_drop=5&tta=0", content=data, headers={"content-type": "image/png"})
-    assert auto.status_code == 200 and auto.json()["tta"] == 0  # auto at the served level (0 here) is fine
+                       for bad in ("tta=3", "tta=-1", "tta=two", "tta=1.5")}
+        auto = {level: c.post(f"/predict?keep=auto&max_drop=5&tta={level}", content=data,
+                              headers={"content-type": "image/png"}) for level in (0, 2)}
+    # keep=auto at a fixed level chooses among the variants with figures there: the test manifest records
+    # accuracy at its served level 0 only, so level 2 has nothing to choose from.
+    assert auto[0].status_code == 200 and auto[0].json()["tta"] == 0
+    assert auto[2].status_code == 422 and "TTA level 2" in auto[2].json()["detail"]
     expected = {}
     for level, (answered, probs) in answers.items():
         with torch.no_grad():
@@ -179,7 +183,16 @@ def test_variants_give_accuracy_and_latency_at_every_tta_level(models_dir: Path)
     with make_client(models_dir) as c:
         wait_ready(c)
         body = c.get("/variants").json()
+        registry = c.app.state.service.registry
+        expected = registry.auto(max_drop=100)
+        answer = c.post("/predict?keep=auto&max_drop=100", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).json()
     assert body["tta"] == 2
+    # keep=auto answered with the choice the registry makes, at its level, one marked Pareto-optimal
+    assert (answer["variant"]["name"], answer["tta"]) == (expected.variant.name, expected.tta)
+    chosen = next(row for row in body["variants"] if row["name"] == expected.variant.name)
+    assert chosen["tta_levels"][str(expected.tta)]["pareto"] is True
+    assert {row["name"]: row["pareto"] for row in body["variants"]} == {
+        row["name"]: row["tta_levels"]["2"]["pareto"] for row in body["variants"]}  # the row's flag: served level
     for row in body["variants"]:
         levels = row["tta_levels"]
         assert [levels[str(level)]["views"] for level in TTA_LEVELS] == [1, 2, 6]

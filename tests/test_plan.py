@@ -170,7 +170,7 @@ def test_auto_ranks_by_compute_until_measured_then_by_measured_speed(registry: R
         v.latency, v.latency_source = {}, None
     assert registry.speed_basis() == "compute"
     chosen = registry.auto(max_drop=100)  # fewest multiply-adds (the channel variant is narrower)
-    assert chosen.granularity == "channel"
+    assert chosen.variant.granularity == "channel"
     accuracy = {("weight", 1.0): 90.0, ("weight", 0.5): 89.9, ("weight", 0.3): 89.5, ("weight", 0.1): 88.0,
                 ("channel", 0.5): 87.0}
     speed = {("weight", 1.0): 80, ("weight", 0.5): 103, ("weight", 0.3): 104, ("weight", 0.1): 300,
@@ -178,13 +178,14 @@ def test_auto_ranks_by_compute_until_measured_then_by_measured_speed(registry: R
     _figures(registry, accuracy, speed)
     assert registry.speed_basis() == "measured"
     # 0.5 and 0.3 are within NEAR_TIE of each other: the tie goes to the more accurate 0.5.
-    assert registry.auto(max_drop=0.6).keep == 0.5
-    assert registry.auto(max_drop=0.05).keep == 1.0
-    assert registry.auto(max_drop=2.0).keep == 0.1
+    assert registry.auto(max_drop=0.6).variant.keep == 0.5
+    assert registry.auto(max_drop=0.05).variant.keep == 1.0
+    assert registry.auto(max_drop=2.0).variant.keep == 0.1
     # The channel variant is slower and less accurate than weight keep 0.1: dominated, never chosen.
-    assert "channel-keep0.50" not in {v.name for v in registry.pareto()}
-    assert registry.auto(max_drop=100).keep == 0.1
-    assert [registry.auto(max_drop=d).name for d in (0.6, 2.0)] == [registry.auto(max_drop=d).name for d in (0.6, 2.0)]
+    assert "channel-keep0.50" not in {c.variant.name for c in registry.pareto()}
+    assert registry.auto(max_drop=100).variant.keep == 0.1
+    chosen = [registry.auto(max_drop=d).variant.name for d in (0.6, 2.0)]
+    assert [registry.auto(max_drop=d).variant.name for d in (0.6, 2.0)] == chosen
     with pytest.raises(AutoError, match="no variant loses at most"):
         registry.auto(max_drop=-1)
     with pytest.raises(AutoError, match="needs max_drop"):
@@ -199,15 +200,61 @@ def test_auto_under_a_latency_budget_depends_on_the_queue(registry: Registry) ->
     per_image_p95 = {("weight", 1.0): 4.0, ("weight", 0.5): 2.0, ("weight", 0.3): 1.0, ("weight", 0.1): 0.5,
                      ("channel", 0.5): 0.25}  # p95 of a pass = this × its bucket size
     _figures(registry, accuracy, speed, per_image_p95)
-    assert registry.auto(max_latency_ms=5).keep == 1.0  # idle: 1 image, dense p95 4 ms fits
+    assert registry.auto(max_latency_ms=5).variant.keep == 1.0  # idle: 1 image, dense p95 4 ms fits
     # 5 queued + 1 → a pass of bucket 8: 32 / 16 / 8 / 4 / 2 ms for keep 1 / 0.5 / 0.3 / 0.1 / channel.
-    assert registry.auto(max_latency_ms=5, queued_images=5).keep == 0.1
-    assert registry.auto(max_latency_ms=9, queued_images=5).keep == 0.3
+    assert registry.auto(max_latency_ms=5, queued_images=5).variant.keep == 0.1
+    assert registry.auto(max_latency_ms=9, queued_images=5).variant.keep == 0.3
     # drop ≤ 1.5 leaves keep 1 and 0.5: neither fits 9 ms now, so the faster of them (best effort)
-    assert registry.auto(max_latency_ms=9, queued_images=5, max_drop=1.5).keep == 0.5
+    assert registry.auto(max_latency_ms=9, queued_images=5, max_drop=1.5).variant.keep == 0.5
     fastest = registry.auto(max_latency_ms=0.1)  # nothing could fit: the fastest, and the estimate says so
-    assert fastest.granularity == "channel" and registry.latency_estimate_ms(fastest, 1) > 0.1
-    assert registry.latency_estimate_ms(fastest, 1, queued_images=60) == 0.25 * 64  # one pass of 61 → bucket 64
+    assert fastest.variant.granularity == "channel" and registry.latency_estimate_ms(fastest.variant, 1) > 0.1
+    assert registry.latency_estimate_ms(fastest.variant, 1, queued_images=60) == 0.25 * 64  # a pass of 61: bucket 64
+
+
+def test_auto_chooses_the_tta_level_too(tmp_path: Path) -> None:
+    """Served at level 2, with level 0 and 1 figures for dense only (as the shipped manifest has): fewer
+    views of dense beat the narrow variant at 6, so auto answers with them; ``levels`` pins the level."""
+    root = build_models_dir(tmp_path / "models", keeps=(1.0,), channel_keeps=(0.5,))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["tta"] = 2
+    dense, channel = manifest["variants"]
+    dense |= {"test_acc_mean": 91.4, "drop": 0.0, "test_acc_tta0_mean": 90.4, "test_acc_tta1_mean": 91.2}
+    channel |= {"test_acc_mean": 88.5, "drop": 2.9, "test_acc_tta0_mean": 87.1}  # level 1 not recorded
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    registry = Registry(root, "fp32", probe_runs=3)
+    registry.load_models()
+
+    def figures(images_per_s: float, p95: float) -> dict:
+        return {b: {"p50_ms": p95, "p95_ms": p95 * b, "images_per_s": images_per_s} for b in BATCH_BUCKETS}
+
+    by_name = {v.name: v for v in registry.variants}
+    by_name["dense"].latency_by_tta = {0: figures(2700, 0.4), 1: figures(1360, 0.8), 2: figures(450, 2.2)}
+    by_name["channel-keep0.50"].latency_by_tta = {0: figures(8700, 0.1), 1: figures(4200, 0.2),
+                                                  2: figures(1450, 0.7)}
+    for v in registry.variants:
+        v.latency, v.latency_source = v.latency_by_tta[2], "plan"
+    assert registry.drop(by_name["dense"], 0) == pytest.approx(1.0)
+    assert registry.drop(by_name["channel-keep0.50"], 0) == pytest.approx(4.3)
+
+    def auto(**kwargs: object) -> tuple[str, int]:
+        choice = registry.auto(**kwargs)
+        return choice.variant.name, choice.tta
+
+    assert auto(max_drop=0.5) == ("dense", 1)  # 3x dense as served for 0.2 points
+    assert auto(max_drop=1.0) == ("dense", 0)  # 1 view: 6x for 1.0
+    assert auto(max_drop=5) == ("channel-keep0.50", 0)
+    assert auto(max_drop=5, levels=(2,)) == ("channel-keep0.50", 2)  # the request fixed the level
+    assert auto(max_drop=0.5, levels=(2,)) == ("dense", 2)
+    # Every (variant, level) with an accuracy and a speed is a choice; channel at level 1 has no accuracy.
+    pareto = {(c.variant.name, c.tta) for c in registry.pareto()}
+    assert pareto == {("dense", 2), ("dense", 1), ("dense", 0), ("channel-keep0.50", 0)}
+    # Under a latency budget, the level's own p95: 8 images at dense level 1 take 0.8 × 8 = 6.4 ms.
+    assert auto(max_latency_ms=7, images=8) == ("dense", 1)
+    assert registry.latency_estimate_ms(by_name["dense"], 8, tta=1) == pytest.approx(6.4)
+    # A plan without other levels' figures: only the served level can be chosen on the measured basis.
+    for v in registry.variants:
+        v.latency_by_tta = {2: v.latency}
+    assert auto(max_drop=1.0) == ("dense", 2)
 
 
 # -- dispatch when idle --------------------------------------------------------------------------

@@ -48,19 +48,22 @@ _BODY_DOC = {
 
 @dataclass
 class Selection:
-    """The variant that answers, and for keep=auto with max_latency_ms whether its estimate fits."""
+    """The variant that answers at which TTA level (None: the served one), and for keep=auto with
+    max_latency_ms whether its estimate fits."""
 
     variant: Variant
+    tta: int | None = None
     estimated_ms: float | None = None
     latency_budget_met: bool | None = None
 
 
 def resolve_variant(service: Service, keep: str | None, max_drop: float | None,
                     granularity: str = "weight", max_latency_ms: float | None = None,
-                    images: int = 1) -> Selection:
+                    images: int = 1, tta: int | None = None) -> Selection:
     """keep = a shipped keep ratio (granularity breaks the tie when both families have it, and is
     otherwise only a preference: the keep names the variant), "auto", or None (DEFAULT_KEEP, else the
-    densest variant of the granularity). max_drop / max_latency_ms only matter with keep=auto."""
+    densest variant of the granularity). max_drop / max_latency_ms only matter with keep=auto, which
+    chooses the TTA level too unless the request fixed it (``tta``)."""
     registry = service.registry
     if keep is not None and not keep.strip():
         raise HTTPException(422, detail="keep is empty: give a keep ratio (see GET /variants) or 'auto', or omit it")
@@ -71,20 +74,21 @@ def resolve_variant(service: Service, keep: str | None, max_drop: float | None,
             variant = next((v for v in registry.variants if v.granularity == granularity), None)
         if variant is None:
             raise HTTPException(422, detail=f"no {granularity}-granularity variants are loaded")
-        return Selection(variant)
+        return Selection(variant, tta)
     if is_auto(keep):
         if max_drop is None and max_latency_ms is None:
             max_drop = service.settings.auto_max_drop
         queued = service.queued_images()
         try:
-            variant = registry.auto(max_drop, max_latency_ms, images=images, queued_images=queued,
-                                    max_batch=service.settings.max_batch)
+            choice = registry.auto(max_drop, max_latency_ms, images=images, queued_images=queued,
+                                   max_batch=service.settings.max_batch, levels=None if tta is None else (tta,))
         except AutoError as exc:
             raise HTTPException(422, detail=str(exc)) from None
         if max_latency_ms is None:
-            return Selection(variant)
-        estimate = registry.latency_estimate_ms(variant, images, queued, service.settings.max_batch)
-        return Selection(variant, estimate, None if estimate is None else estimate <= max_latency_ms)
+            return Selection(choice.variant, choice.tta)
+        estimate = registry.latency_estimate_ms(choice.variant, images, queued, service.settings.max_batch,
+                                                choice.tta)
+        return Selection(choice.variant, choice.tta, estimate, None if estimate is None else estimate <= max_latency_ms)
     try:
         value = float(keep)
     except ValueError:
@@ -96,19 +100,12 @@ def resolve_variant(service: Service, keep: str | None, max_drop: float | None,
         (v for v in registry.variants if math.isclose(v.keep, value, abs_tol=1e-9)), None)
     if variant is None:
         raise HTTPException(422, detail=f"no variant with keep={value:g}; available keeps: {available}")
-    return Selection(variant)
+    return Selection(variant, tta)
 
 
 def is_auto(keep: str | None) -> bool:
     return keep is not None and keep.strip().lower() == "auto"
 
-
-def check_tta(service: Service, keep: str | None, tta: int | None) -> None:
-    """keep=auto ranks variants by their accuracy and latency at the served TTA level; another level
-    would answer with figures it was not chosen by."""
-    if is_auto(keep) and tta is not None and tta != service.registry.tta:
-        raise HTTPException(422, detail=f"keep=auto chooses by the figures at the served TTA level "
-                                        f"({service.registry.tta}); omit tta or name a keep")
 
 
 def admit(service: Service, variant: Variant, images: int, tta: int | None = None) -> None:
@@ -175,15 +172,15 @@ async def predict(
         None, ge=min(TTA_LEVELS), le=max(TTA_LEVELS),
         description="test-time augmentation views: 0 = the image alone (1 forward pass), 1 = + its mirror (2), "
                     "2 = + two mirrored 1-pixel translations (6). Omitted: the level the service serves (GET "
-                    "/variants: tta). Each variant's accuracy and latency at every level: GET /variants, tta_levels"),
+                    "/variants: tta), or with keep=auto the level it chooses (given, auto chooses at that level). "
+                    "Each variant's accuracy and latency at every level: GET /variants, tta_levels"),
     service: Service = Depends(get_ready_service),
 ) -> dict:
     began = time.perf_counter()
     variant_label, status, count = "none", 500, 0
     try:
-        check_tta(service, keep, tta)
         if not is_auto(keep):
-            selection = resolve_variant(service, keep, max_drop, granularity, max_latency_ms)
+            selection = resolve_variant(service, keep, max_drop, granularity, max_latency_ms, tta=tta)
             variant = selection.variant
             variant_label = variant.name
             admit(service, variant, 1, tta)  # a full queue refuses before the body is read
@@ -192,16 +189,16 @@ async def predict(
         if count > service.settings.max_images:
             raise HTTPException(413, detail=f"{count} images; the limit is MAX_IMAGES={service.settings.max_images}")
         if is_auto(keep):  # the choice may depend on how many images this request brings
-            selection = resolve_variant(service, keep, max_drop, granularity, max_latency_ms, images=count)
+            selection = resolve_variant(service, keep, max_drop, granularity, max_latency_ms, images=count, tta=tta)
             variant = selection.variant
             variant_label = variant.name
-        admit(service, variant, count, tta)  # and before any image is decoded
+        level = service.registry.tta if selection.tta is None else selection.tta
+        admit(service, variant, count, level)  # and before any image is decoded
         pixels = await decode_images(service, uploads)
         started = time.perf_counter()
-        probs = await infer(service, variant, pixels, tta)
+        probs = await infer(service, variant, pixels, level)
         inference_ms = (time.perf_counter() - started) * 1e3
-        response = _response(service, variant, uploads, probs, top_k, inference_ms,
-                             service.registry.tta if tta is None else tta)
+        response = _response(service, variant, uploads, probs, top_k, inference_ms, level)
         if max_latency_ms is not None and is_auto(keep):
             response["latency_budget_met"] = selection.latency_budget_met
             response["estimated_ms"] = selection.estimated_ms

@@ -6,8 +6,8 @@ followed by raw tensors) and classification extension (`class_count` → "score:
 
 Every variant is a model, named as in /variants, version "1". The model `auto` lets the server choose
 from request parameters: `keep` (+ `granularity`) names a variant, or `max_drop` / `max_latency_ms` as
-for /predict. Any model takes the parameter `tta` (0, 1 or 2: test-time augmentation views, as /predict's
-query; default the served level). Inputs (send one of them):
+for /predict (which choose the TTA level too). Any model takes the parameter `tta` (0, 1 or 2: test-time
+augmentation views, as /predict's query; default the served level). Inputs (send one of them):
   IMAGE        UINT8 [N, 32, 32, 3]  RGB pixels at the model's size (the client resizes)
   IMAGE_BYTES  BYTES [N]             encoded image files, decoded with /predict's limits
 Output `probabilities` FP32 [N, classes]. Requests go through the same micro-batchers and metrics as
@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from app.registry import Variant
-from app.routers.predict import admit, check_tta, decode_images, infer, resolve_variant
+from app.routers.predict import admit, decode_images, infer, resolve_variant
 from app.service import Service, get_service
 from core.model import TTA_LEVELS
 from core.preprocess import IMAGE_SIZE
@@ -266,9 +266,13 @@ async def _pixels(service: Service, name: str, item: dict, data: memoryview | No
         raise _fail(exc.status_code, str(exc.detail)) from None
 
 
-def _choose(service: Service, variant: Variant | None, parameters: dict, images: int, tta: int) -> Variant:
+def _choose(service: Service, variant: Variant | None, parameters: dict, images: int,
+            tta: int | None) -> tuple[Variant, int]:
+    """The variant and TTA level that answer: the named model at the requested (or served) level, or for
+    the model `auto` what the parameters choose (auto chooses the level too unless tta is given)."""
+    served = service.registry.tta
     if variant is not None:
-        return variant
+        return variant, served if tta is None else tta
     keep = parameters.get("keep", AUTO if {"max_drop", "max_latency_ms"} & set(parameters) else None)
     keep = None if keep is None else str(keep)
 
@@ -284,16 +288,18 @@ def _choose(service: Service, variant: Variant | None, parameters: dict, images:
     if granularity not in ("weight", "channel"):
         raise _fail(400, f"parameter granularity must be 'weight' or 'channel', got {granularity!r}")
     try:
-        check_tta(service, keep, tta)
-        return resolve_variant(service, keep, number("max_drop"), granularity, number("max_latency_ms"),
-                               images=images).variant
+        selection = resolve_variant(service, keep, number("max_drop"), granularity, number("max_latency_ms"),
+                                    images=images, tta=tta)
+        return selection.variant, served if selection.tta is None else selection.tta
     except HTTPException as exc:
         raise _fail(400 if exc.status_code == 422 else exc.status_code, str(exc.detail)) from None
 
 
-def _tta(service: Service, parameters: dict) -> int:
-    """The request's test-time augmentation level (parameter tta), else the served one."""
-    level = parameters.get("tta", service.registry.tta)
+def _tta(parameters: dict) -> int | None:
+    """The request's test-time augmentation level (parameter tta), if it asked for one."""
+    level = parameters.get("tta")
+    if level is None:
+        return None
     if isinstance(level, bool) or level not in TTA_LEVELS:
         raise _fail(400, f"parameter tta must be one of {', '.join(map(str, TTA_LEVELS))}, got {level!r}")
     return int(level)
@@ -371,8 +377,7 @@ async def _infer(model: str, version: str | None, request: Request, service: Ser
         outputs = _outputs(header, len(service.registry.classes))
         shape = _shape(item)
         count = shape[0] if shape else 0
-        tta = _tta(service, parameters)
-        variant = _choose(service, fixed, parameters, max(1, count), tta)
+        variant, tta = _choose(service, fixed, parameters, max(1, count), _tta(parameters))
         label = variant.name
         admit(service, variant, max(1, count), tta)  # before any image is decoded
         pixels = await _pixels(service, name, item, data)

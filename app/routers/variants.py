@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from app.registry import resident_memory_bytes
+from app.registry import Variant, resident_memory_bytes
 from app.schemas import ErrorResponse, VariantsResponse
 from app.service import Service, get_ready_service
 from core.plot import plot_tradeoff
@@ -26,13 +26,21 @@ NOT_READY = {503: {"model": ErrorResponse, "description": "models not loaded"}}
 async def variants(service: Service = Depends(get_ready_service)) -> dict:
     registry = service.registry
     basis = registry.speed_basis()
-    pareto = {v.name for v in registry.pareto(basis)}
+    pareto = {(c.variant.name, c.tta) for c in registry.pareto(basis)}
     return {"classes": registry.classes, "precision": registry.precision, "tta": registry.tta,
             "resident_memory_bytes": resident_memory_bytes(),
             "execution": {"status": service.execution, "plan": service.plan_source, "key": service.plan_key,
                           "threads": torch.get_num_threads(), "memory_retained": service.plan_key["memory_retained"],
                           "auto_speed_basis": basis},
-            "variants": [{**v.describe(), "pareto": v.name in pareto} for v in registry.variants]}
+            "variants": [_row(v, registry.tta, pareto) for v in registry.variants]}
+
+
+def _row(variant: Variant, served: int, pareto: set[tuple[str, int]]) -> dict:
+    """A variant's row; ``pareto`` marks the (variant, TTA level) choices keep=auto may answer with."""
+    row = variant.describe()
+    for level, figures in row["tta_levels"].items():
+        figures["pareto"] = (variant.name, int(level)) in pareto
+    return row | {"pareto": (variant.name, served) in pareto}
 
 
 @router.get("/variants/plot", responses={200: {"content": {"image/png": {}}}, **NOT_READY},
