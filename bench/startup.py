@@ -152,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def auto(url: str, query: str) -> str:
-    """The variant keep=auto chooses for ``query`` (one tiny image)."""
+    """The variant and TTA level keep=auto chooses for ``query`` (one tiny image)."""
     from bench.http import sample_jpeg
 
     r = httpx.post(f"{url}/predict?keep=auto&{query}", files={"files": ("x.jpg", sample_jpeg(0), "image/jpeg")},
                    timeout=60)
-    return r.json()["variant"]["name"] if r.status_code == 200 else f"{r.status_code}"
+    return f"{r.json()['variant']['name']} (TTA {r.json()['tta']})" if r.status_code == 200 else f"{r.status_code}"
 
 
 if __name__ == "__main__":
