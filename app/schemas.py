@@ -120,7 +120,7 @@ class VariantsResponse(BaseModel):
     classes: list[str]
     precision: str
     tta: int = Field(0, description="test-time augmentation level served when a request does not choose one "
-                                    "(0: none); accuracies and latencies above are at this level")
+                                    "(0: none); each row's test_acc_mean, drop and latency are at this level")
     execution: Execution
     resident_memory_bytes: int | None = Field(None, description="this process's resident memory (RSS) now")
     variants: list[VariantRow]

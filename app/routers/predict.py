@@ -107,7 +107,6 @@ def is_auto(keep: str | None) -> bool:
     return keep is not None and keep.strip().lower() == "auto"
 
 
-
 def admit(service: Service, variant: Variant, images: int, tta: int | None = None) -> None:
     """Refuse a request the queue cannot take, before its images are read or decoded."""
     try:
