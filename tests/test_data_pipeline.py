@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -241,7 +242,11 @@ def test_summary_quotes_the_manifest(image_folder: Path, tmp_path: Path) -> None
     summary = (out / "summary.md").read_text()
     for variant in manifest["variants"]:
         assert f"| {variant['name']} |" in summary and f"{variant['bytes']:,}" in summary
+        levels = " / ".join(f"{variant[f'test_acc_tta{level}_mean']:.2f}" for level in (0, 1, 2))
+        assert f"| {levels} |" in summary  # the accuracy a request choosing fewer views gets
     assert summary.count("goal ≤") == 3
+    with open(out / "results.csv", newline="") as f:
+        assert all(row["test_acc_tta1_mean"] for row in csv.DictReader(f))
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])

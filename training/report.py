@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from core.model import TTA_LEVELS, TTA_VIEWS
 from core.plot import plot_tradeoff  # noqa: F401 - the export draws models/tradeoff.png with it
 
 COLUMNS = ("criterion", "keep", "sparsity", "finetuned", "test_acc_mean", "test_acc_std", "drop",
-           "val_acc_mean", "total", "prunable", "nonzero", "test_acc_per_seed")
+           "val_acc_mean", "total", "prunable", "nonzero", "test_acc_per_seed",
+           *(f"test_acc_tta{level}_mean" for level in TTA_LEVELS))  # empty where a run did not record the level
 
 
 def write_tables(table: list[dict], out: Path) -> None:
@@ -39,14 +41,17 @@ def write_summary(manifest: dict, out: Path) -> str:
     dense = by[("dense", 1.0, False)]
     lines = ["### Shipped variants (release seed's checkpoints; test accuracy = mean ± std over seeds)", "",
              "| variant | granularity | keep | sparsity | nonzero / total params | checkpoint bytes | fine-tuned "
-             "| test acc % | drop |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| test acc % (TTA {manifest.get('tta', 0)}, served) | drop "
+             f"| test acc % at {' / '.join(map(str, TTA_VIEWS))} views |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for v in manifest["variants"]:
+        levels = " / ".join(f"{v[f'test_acc_tta{level}_mean']:.2f}" if f"test_acc_tta{level}_mean" in v else "–"
+                            for level in TTA_LEVELS)  # what a request choosing fewer views gets (?tta=)
         lines.append(f"| {v['name']} | {v.get('granularity', 'weight')} | {v['keep']:g} | {v['sparsity'] * 100:.0f}% | "
                      f"{v['params']['nonzero']:,} / {v['params']['total']:,} | {v['bytes']:,}"
                      f"{' (mask over dense.safetensors)' if v.get('base') else ''} | "
                      f"{'yes' if v['finetuned'] else 'no'} | {v['test_acc_mean']:.2f} ± {v['test_acc_std']:.2f} | "
-                     f"{v['drop']:+.2f} |")
+                     f"{v['drop']:+.2f} | {levels} |")
     criteria = [c for c in ("gate", "gate_magnitude", "lamp", "magnitude", "random") if (c, 0.5, False) in by
                 or any(k[0] == c and not k[2] for k in by)]
     tuned = [c for c in ("gate_magnitude", "magnitude_gradual", "magnitude") if any(k[0] == c and k[2] for k in by)]
