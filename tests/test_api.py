@@ -678,12 +678,22 @@ def test_plot_is_rendered_once_per_set_of_figures(client: TestClient, monkeypatc
 
     drawn: list[list[dict]] = []
     original = variants_router.plot_tradeoff
-    monkeypatch.setattr(variants_router, "plot_tradeoff",
-                        lambda table, path, latency_ms=None: (drawn.append(latency_ms), original(table, path,
-                                                                                                 latency_ms))[1])
+    choices_drawn: list[list[dict]] = []
+
+    def recording(table, path, latency_ms=None, choices=None):  # noqa: ANN001, ANN202
+        drawn.append(latency_ms)
+        choices_drawn.append(choices)
+        return original(table, path, latency_ms, choices)
+
+    monkeypatch.setattr(variants_router, "plot_tradeoff", recording)
     first = client.get("/variants/plot").content
     assert client.get("/variants/plot").content == first and len(drawn) == 1
     assert {row["granularity"] for row in drawn[0]} == {"weight", "channel"}  # every variant's latency
+    # ... and the speed panel: every variant at its level with figures, the Pareto front marked as in /variants
+    rows = client.get("/variants").json()["variants"]
+    assert {(c["granularity"], c["tta"]) for c in choices_drawn[0]} == {("weight", 0), ("channel", 0)}
+    assert sum(c["pareto"] for c in choices_drawn[0]) == sum(row["pareto"] for row in rows)
+    assert Image.open(io.BytesIO(first)).size[0] > 1500  # three panels (two are 1,320 px wide)
     client.app.state.service.registry.variants[0].latency[1]["p50_ms"] += 1.0  # new figures → drawn again
     client.get("/variants/plot")
     assert len(drawn) == 2

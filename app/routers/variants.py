@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from app.registry import Variant, resident_memory_bytes
 from app.schemas import ErrorResponse, VariantsResponse
 from app.service import Service, get_ready_service
+from core.model import TTA_VIEWS
 from core.plot import plot_tradeoff
 from engine.export import ExportError, export_compact
 
@@ -44,14 +45,22 @@ def _row(variant: Variant, served: int, pareto: set[tuple[str, int]]) -> dict:
 
 
 @router.get("/variants/plot", responses={200: {"content": {"image/png": {}}}, **NOT_READY},
-            response_class=Response, summary="Accuracy vs sparsity with every variant's measured latency (PNG)")
+            response_class=Response, summary="Accuracy vs sparsity with every variant's measured latency, and "
+                                             "accuracy vs measured speed at every TTA level (PNG)")
 async def variants_plot(service: Service = Depends(get_ready_service)) -> Response:
     """Rendered once per set of figures (they change only while plans are applied or measured),
     then served from memory."""
     registry = service.registry
     latency = [{"granularity": v.granularity, "sparsity": v.sparsity, "ms": v.latency[1]["p50_ms"]}
                for v in registry.variants if 1 in v.latency]
-    key = repr(latency)
+    choices = []
+    if registry.speed_basis() == "measured":  # accuracy vs speed once every variant has measured figures
+        front = {(c.variant.name, c.tta) for c in registry.pareto("measured")}
+        choices = [{"granularity": c.variant.granularity, "tta": c.tta, "views": TTA_VIEWS[c.tta],
+                    "accuracy": registry.accuracy(c.variant, c.tta),
+                    "images_per_s": registry.speed(c.variant, "measured", c.tta),
+                    "pareto": (c.variant.name, c.tta) in front} for c in registry.choices("measured")]
+    key = repr((latency, choices))
     cached = service.plot_cache
     if cached is None or cached[0] != key:
         table = registry.manifest.get("sweep") or [
@@ -62,7 +71,7 @@ async def variants_plot(service: Service = Depends(get_ready_service)) -> Respon
 
         def render() -> bytes:
             buffer = io.BytesIO()
-            plot_tradeoff(table, buffer, latency_ms=latency)
+            plot_tradeoff(table, buffer, latency_ms=latency, choices=choices)
             return buffer.getvalue()
 
         cached = service.plot_cache = (key, await run_in_threadpool(render))
