@@ -71,7 +71,7 @@ class Variant:
     test_acc_by_tta: dict[int, float] = field(default_factory=dict)
     # At the served TTA level: batch → p50_ms, p95_ms, images_per_s (what keep=auto and /metrics use).
     latency: dict[int, dict[str, float]] = field(default_factory=dict)
-    # The same per TTA level (the served one included); a plan from before per-level figures has only that one.
+    # The same per TTA level (the served one included; a plan without every level is measured again).
     latency_by_tta: dict[int, dict[int, dict[str, float]]] = field(default_factory=dict)
     # Where ``latency`` and the execution paths come from: None while the variant still runs on its
     # compact dense path unmeasured; "plan: <file>" or "measured at start-up".
@@ -222,11 +222,13 @@ class Registry:
         with self._lock:
             if entry is not None:
                 try:
+                    by_tta = {int(level): {int(b): dict(v) for b, v in figures.items()}
+                              for level, figures in entry.get("latency_by_tta", {}).items()}
+                    if sorted(by_tta) != list(TTA_LEVELS):  # keep=auto could never choose the missing levels
+                        raise plans.PlanError("no latency for every TTA level (a plan from before them)")
                     plans.apply(variant.net, entry, self.onnx_runtime)
                     variant.latency = {int(b): dict(v) for b, v in entry["latency"].items()}
-                    variant.latency_by_tta = {int(level): {int(b): dict(v) for b, v in figures.items()}
-                                              for level, figures in entry.get("latency_by_tta", {}).items()}
-                    variant.latency_by_tta[self.tta] = variant.latency
+                    variant.latency_by_tta = by_tta | {self.tta: variant.latency}
                     variant.latency_source = f"plan: {source}" if source else "plan"
                     return False
                 except (plans.PlanError, KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -57,8 +57,8 @@ class TtaLevel(BaseModel):
     views: int = Field(description="forward passes per image at this level")
     test_acc_mean: float | None = Field(description="CIFAR-10 test accuracy (%) at this level, mean over training "
                                                     "seeds (null: training did not record it)")
-    latency: dict[str, Latency] = Field(description="as `latency`, at this level (empty: not measured yet, or a "
-                                                    "plan from before per-level figures)")
+    latency: dict[str, Latency] = Field(description="as `latency`, at this level (empty until measured or loaded "
+                                                    "from a plan)")
     pareto: bool = Field(description="this variant at this level is Pareto-optimal among every variant at every "
                                      "level (keep=auto only answers with these)")
 

@@ -108,7 +108,7 @@ def test_calibration_lock_admits_one_holder(tmp_path: Path) -> None:
     second.release()
 
 
-def test_a_plan_carries_every_tta_levels_latency_and_an_older_plan_the_served_ones(tmp_path: Path) -> None:
+def test_a_plan_carries_every_tta_levels_latency_and_an_older_plan_is_measured_again(tmp_path: Path) -> None:
     root = build_models_dir(tmp_path / "models", keeps=(1.0,), channel_keeps=())
     measured = Registry(root, "fp32", probe_runs=1)
     measured.load()  # no plan: calibrates and measures every level
@@ -122,11 +122,14 @@ def test_a_plan_carries_every_tta_levels_latency_and_an_older_plan_the_served_on
     assert applied.variants[0].latency_by_tta == variant.latency_by_tta
     assert applied.variants[0].latency_source == "plan: plan.json"
 
-    older = {k: v for k, v in entry.items() if k != "latency_by_tta"}  # written before per-level figures
+    # A plan written before per-level figures would leave keep=auto blind to the other levels for good (it
+    # is cached and reused): it is measured again instead, every level.
+    older = {k: v for k, v in entry.items() if k != "latency_by_tta"}
     again = Registry(root, "fp32", probe_runs=1)
     again.load_models()
-    again.optimise(again.variants[0], older, "old.json")
-    assert again.variants[0].latency_by_tta == {again.tta: variant.latency}  # the served level only: not measured
+    assert again.optimise(again.variants[0], older, "old.json") is True  # True: it measured
+    assert sorted(again.variants[0].latency_by_tta) == [0, 1, 2]
+    assert again.variants[0].latency_source == "measured at start-up"
 
 
 def test_prune_bench_plan_measures_every_tta_level(tmp_path: Path) -> None:

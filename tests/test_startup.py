@@ -40,6 +40,7 @@ def _shipped_plan(models_dir: Path, threads: int, p50_ms: float) -> dict:
     for variant in registry.variants:
         variant.latency = {b: {"p50_ms": p50_ms, "p95_ms": p50_ms * 2, "images_per_s": b / p50_ms * 1e3}
                            for b in (1, 8, 64)}
+        variant.latency_by_tta = {level: variant.latency for level in (0, 1, 2)}
         plan["variants"][variant.name] = registry.plan_entry(variant)
     plans.write(models_dir / "plans" / plans.plan_filename(key), plan)
     return plan
