@@ -38,11 +38,17 @@ T = TypeVar("T")
 PLAN_POLL_S = 0.5  # how often a worker waiting for another's calibration looks for its plan
 
 
+# Above this MAX_BATCH one activation of a pass can outgrow the largest mmap threshold glibc accepts (32 MiB:
+# block1's output is 16 MiB at 64 images in float32), and only large_buffers keeps it out of a fresh mmap.
+LARGE_BUFFERS_ABOVE_BATCH = 64
+
+
 def configure_process(settings: Settings, precision: str) -> dict:
     """Threads and allocator as the service runs, set before any model is loaded (so every buffer is
     served the same way); returns the execution-plan key they imply. ``prune-serve --check`` shares it."""
     torch.set_num_threads(settings.threads())
-    retained = settings.retain_freed_memory and retain_freed_memory()
+    retained = settings.retain_freed_memory and retain_freed_memory(
+        large_buffers=settings.max_batch > LARGE_BUFFERS_ABOVE_BATCH)
     if settings.retain_freed_memory and not retained:
         log.info("freed memory goes back to the OS (no glibc mallopt here, or MALLOC_* / GLIBC_TUNABLES set)")
     return plans.plan_key(precision, torch.get_num_threads(), memory_retained=retained)

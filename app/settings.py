@@ -39,8 +39,9 @@ class Settings(BaseSettings):
                                                  "faster than PyTorch (float32 only); false saves ~25 MB per variant")
     retain_freed_memory: bool = Field(True, description="let glibc keep freed activation buffers for reuse "
                                                         "(no page faults per pass: batch-64 passes ran ~1.4x faster "
-                                                        "here; the process keeps its peak heap). False: glibc's "
-                                                        "defaults, as do MALLOC_* or GLIBC_TUNABLES set by you")
+                                                        "here; the process keeps its peak heap; with MAX_BATCH "
+                                                        "above 64 no mmap at all). False: glibc's defaults, as do "
+                                                        "MALLOC_* or GLIBC_TUNABLES set by you")
     access_log: bool = Field(False, description="log every request (costs throughput under load)")
     latency_probe_runs: int = Field(20, ge=3, description="timed passes per batch size when calibrating here")
     plan_dir: Path | None = Field(None, description="where the service stores the execution plan it measured when "

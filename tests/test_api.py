@@ -302,6 +302,24 @@ def test_training_keeps_buffers_above_any_mmap_threshold_in_the_heap() -> None:
     assert applied is True and sorted(large)[len(large) // 2] <= 600, large
 
 
+def test_a_max_batch_above_64_keeps_even_the_largest_buffers_in_the_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_BATCH 64 an activation can outgrow glibc's largest mmap threshold: then no mmap at all
+    (large_buffers), which test_training_keeps_buffers_above_any_mmap_threshold_in_the_heap shows pays."""
+    from app import service as service_module
+
+    asked: list[bool] = []
+    monkeypatch.setattr(service_module, "retain_freed_memory",
+                        lambda large_buffers=False: asked.append(large_buffers) or True)
+    threads = torch.get_num_threads()
+    for max_batch in (1, 64, 65, 256):
+        service_module.configure_process(Settings(max_batch=max_batch), "bf16")
+    torch.set_num_threads(threads)
+    assert asked == [False, False, True, True]
+    service_module.configure_process(Settings(max_batch=256, retain_freed_memory=False), "bf16")
+    assert len(asked) == 4  # RETAIN_FREED_MEMORY=false: glibc's defaults, large batch or not
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are glibc's")
 def test_variants_say_whether_freed_memory_is_retained(models_dir: Path) -> None:
     with make_client(models_dir) as c:
