@@ -288,12 +288,15 @@ class Registry:
         with self._lock:
             return self._forward(variant, images, tta)
 
+    def level(self, tta: int | None) -> int:
+        """The TTA level that answers: the request's, else the one the manifest serves."""
+        return self.tta if tta is None else tta
+
     @torch.inference_mode()
     def _forward(self, variant: Variant, images: Tensor, tta: int | None = None) -> Tensor:
         # The manifest's test-time augmentation unless the request chose a level: each view is one
         # forward pass over the whole batch (6 at TTA 2), so its cost is in every latency.
-        level = self.tta if tta is None else tta
-        logits = tta_logits(variant.net, images.contiguous(memory_format=torch.channels_last), level)
+        logits = tta_logits(variant.net, images.contiguous(memory_format=torch.channels_last), self.level(tta))
         return torch.softmax(logits.float(), dim=1)
 
     # -- selection -------------------------------------------------------------------------
@@ -327,7 +330,7 @@ class Registry:
         return variant.latency if tta == self.tta else variant.latency_by_tta.get(tta, {})
 
     def speed(self, variant: Variant, basis: str, tta: int | None = None) -> float:
-        tta = self.tta if tta is None else tta
+        tta = self.level(tta)
         if basis == "measured":
             return self.latency(variant, tta).get(LATENCY_BATCHES[-1], {}).get("images_per_s", 0.0)
         return 1e9 / max(1, variant.net.macs() * TTA_VIEWS[tta])
@@ -352,7 +355,7 @@ class Registry:
         p95 of a pass holding them (up to MAX_BATCH) at the level, times the passes needed. None until
         measured."""
         total = queued_images + images
-        p95 = p95_ms(self.latency(variant, self.tta if tta is None else tta), min(total, max_batch))
+        p95 = p95_ms(self.latency(variant, self.level(tta)), min(total, max_batch))
         return None if p95 is None else p95 * math.ceil(total / max_batch)
 
     def auto(self, max_drop: float | None = None, max_latency_ms: float | None = None, images: int = 1,
@@ -374,26 +377,26 @@ class Registry:
         if not candidates:
             raise AutoError(f"no variant has a recorded accuracy and a speed at TTA level "
                             f"{', '.join(map(str, levels or ()))}; omit tta to let keep=auto choose the level")
-        accuracy = {id(c): self.accuracy(c.variant, c.tta) for c in candidates}
-        speed = {id(c): self.speed(c.variant, basis, c.tta) for c in candidates}
+        accuracy = {c.key: self.accuracy(c.variant, c.tta) for c in candidates}
+        speed = {c.key: self.speed(c.variant, basis, c.tta) for c in candidates}
         if max_drop is not None:
-            drops = {id(c): self.drop(c.variant, c.tta) for c in candidates}
-            within = [c for c in candidates if drops[id(c)] <= max_drop]
+            drops = {c.key: self.drop(c.variant, c.tta) for c in candidates}
+            within = [c for c in candidates if drops[c.key] <= max_drop]
             if not within:
                 raise AutoError(f"no variant loses at most {max_drop:g} points; smallest drop is "
                                 f"{min(drops.values()):.2f}")
             candidates = within
-        best = max(speed[id(c)] for c in candidates)
-        tied = [c for c in candidates if speed[id(c)] >= best * (1 - NEAR_TIE)]
-        fastest = max(tied, key=lambda c: (accuracy[id(c)], -c.variant.keep, -c.tta))
+        best = max(speed[c.key] for c in candidates)
+        tied = [c for c in candidates if speed[c.key] >= best * (1 - NEAR_TIE)]
+        fastest = max(tied, key=lambda c: (accuracy[c.key], -c.variant.keep, -c.tta))
         if max_latency_ms is None or basis != "measured":
             return fastest
-        estimates = {id(c): self.latency_estimate_ms(c.variant, images, queued_images, max_batch, c.tta)
+        estimates = {c.key: self.latency_estimate_ms(c.variant, images, queued_images, max_batch, c.tta)
                      for c in candidates}
-        fitting = [c for c in candidates if estimates[id(c)] <= max_latency_ms]
+        fitting = [c for c in candidates if estimates[c.key] <= max_latency_ms]
         if not fitting:
-            return min(candidates, key=lambda c: (estimates[id(c)], -accuracy[id(c)], c.variant.keep))
-        return max(fitting, key=lambda c: (accuracy[id(c)], speed[id(c)], -c.variant.keep))
+            return min(candidates, key=lambda c: (estimates[c.key], -accuracy[c.key], c.variant.keep))
+        return max(fitting, key=lambda c: (accuracy[c.key], speed[c.key], -c.variant.keep))
 
 
 @dataclass(frozen=True, eq=False)
@@ -402,6 +405,10 @@ class Choice:
 
     variant: Variant
     tta: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.variant.name, self.tta
 
 
 def p95_ms(latency: dict[int, dict[str, float]], batch: int) -> float | None:

@@ -196,7 +196,7 @@ class Service:
     def batcher(self, variant: Variant, tta: int | None = None) -> MicroBatcher:
         """The micro-batcher of ``variant`` at TTA level ``tta`` (None: the served one); requests are
         batched only with requests for the same network and level."""
-        key = (variant.name, self.registry.tta if tta is None else tta)
+        key = (variant.name, self.registry.level(tta))
         if key not in self.batchers:
             depth = self.metrics.queue_depth.labels(variant.name)  # the variant's batchers together
             self.batchers[key] = MicroBatcher(

@@ -48,11 +48,11 @@ _BODY_DOC = {
 
 @dataclass
 class Selection:
-    """The variant that answers at which TTA level (None: the served one), and for keep=auto with
-    max_latency_ms whether its estimate fits."""
+    """The variant that answers at which TTA level, and for keep=auto with max_latency_ms whether its
+    estimate fits."""
 
     variant: Variant
-    tta: int | None = None
+    tta: int
     estimated_ms: float | None = None
     latency_budget_met: bool | None = None
 
@@ -74,7 +74,7 @@ def resolve_variant(service: Service, keep: str | None, max_drop: float | None,
             variant = next((v for v in registry.variants if v.granularity == granularity), None)
         if variant is None:
             raise HTTPException(422, detail=f"no {granularity}-granularity variants are loaded")
-        return Selection(variant, tta)
+        return Selection(variant, registry.level(tta))
     if is_auto(keep):
         if max_drop is None and max_latency_ms is None:
             max_drop = service.settings.auto_max_drop
@@ -100,7 +100,7 @@ def resolve_variant(service: Service, keep: str | None, max_drop: float | None,
         (v for v in registry.variants if math.isclose(v.keep, value, abs_tol=1e-9)), None)
     if variant is None:
         raise HTTPException(422, detail=f"no variant with keep={value:g}; available keeps: {available}")
-    return Selection(variant, tta)
+    return Selection(variant, registry.level(tta))
 
 
 def is_auto(keep: str | None) -> bool:
@@ -191,13 +191,12 @@ async def predict(
             selection = resolve_variant(service, keep, max_drop, granularity, max_latency_ms, images=count, tta=tta)
             variant = selection.variant
             variant_label = variant.name
-        level = service.registry.tta if selection.tta is None else selection.tta
-        admit(service, variant, count, level)  # and before any image is decoded
+        admit(service, variant, count, selection.tta)  # and before any image is decoded
         pixels = await decode_images(service, uploads)
         started = time.perf_counter()
-        probs = await infer(service, variant, pixels, level)
+        probs = await infer(service, variant, pixels, selection.tta)
         inference_ms = (time.perf_counter() - started) * 1e3
-        response = _response(service, variant, uploads, probs, top_k, inference_ms, level)
+        response = _response(service, variant, uploads, probs, top_k, inference_ms, selection.tta)
         if max_latency_ms is not None and is_auto(keep):
             response["latency_budget_met"] = selection.latency_budget_met
             response["estimated_ms"] = selection.estimated_ms

@@ -270,9 +270,8 @@ def _choose(service: Service, variant: Variant | None, parameters: dict, images:
             tta: int | None) -> tuple[Variant, int]:
     """The variant and TTA level that answer: the named model at the requested (or served) level, or for
     the model `auto` what the parameters choose (auto chooses the level too unless tta is given)."""
-    served = service.registry.tta
     if variant is not None:
-        return variant, served if tta is None else tta
+        return variant, service.registry.level(tta)
     keep = parameters.get("keep", AUTO if {"max_drop", "max_latency_ms"} & set(parameters) else None)
     keep = None if keep is None else str(keep)
 
@@ -290,7 +289,7 @@ def _choose(service: Service, variant: Variant | None, parameters: dict, images:
     try:
         selection = resolve_variant(service, keep, number("max_drop"), granularity, number("max_latency_ms"),
                                     images=images, tta=tta)
-        return selection.variant, served if selection.tta is None else selection.tta
+        return selection.variant, selection.tta
     except HTTPException as exc:
         raise _fail(400 if exc.status_code == 422 else exc.status_code, str(exc.detail)) from None
 

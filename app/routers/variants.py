@@ -27,7 +27,7 @@ NOT_READY = {503: {"model": ErrorResponse, "description": "models not loaded"}}
 async def variants(service: Service = Depends(get_ready_service)) -> dict:
     registry = service.registry
     basis = registry.speed_basis()
-    pareto = {(c.variant.name, c.tta) for c in registry.pareto(basis)}
+    pareto = {c.key for c in registry.pareto(basis)}
     return {"classes": registry.classes, "precision": registry.precision, "tta": registry.tta,
             "resident_memory_bytes": resident_memory_bytes(),
             "execution": {"status": service.execution, "plan": service.plan_source, "key": service.plan_key,
@@ -55,11 +55,11 @@ async def variants_plot(service: Service = Depends(get_ready_service)) -> Respon
                for v in registry.variants if 1 in v.latency]
     choices = []
     if registry.speed_basis() == "measured":  # accuracy vs speed once every variant has measured figures
-        front = {(c.variant.name, c.tta) for c in registry.pareto("measured")}
+        front = {c.key for c in registry.pareto("measured")}
         choices = [{"granularity": c.variant.granularity, "tta": c.tta, "views": TTA_VIEWS[c.tta],
                     "accuracy": registry.accuracy(c.variant, c.tta),
                     "images_per_s": registry.speed(c.variant, "measured", c.tta),
-                    "pareto": (c.variant.name, c.tta) in front} for c in registry.choices("measured")]
+                    "pareto": c.key in front} for c in registry.choices("measured")]
     key = repr((latency, choices))
     cached = service.plot_cache
     if cached is None or cached[0] != key:
