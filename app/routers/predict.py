@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.batching import QueueFull, ShuttingDown
-from app.images import ImageError, decode_pixels, open_image
+from app.images import ImageError, open_upload
 from app.registry import AutoError, Variant
 from app.schemas import ErrorResponse, PredictResponse
 from app.service import Service, get_ready_service
@@ -215,11 +215,11 @@ async def decode_images(service: Service, uploads: list[tuple[str, bytes]]) -> t
     try:
         # Headers are read and checked here (limits before any decoding). Thumbnails decode in
         # microseconds, less than a thread hop costs; larger images decode off the event loop.
-        opened = [(open_image(data, name, service.settings.max_pixels), name) for name, data in uploads]
-        pixels = sum(image.size[0] * image.size[1] for image, _ in opened)
+        opened = [open_upload(data, name, service.settings.max_pixels) for name, data in uploads]
+        pixels = sum(upload.pixels for upload in opened)
 
         def decode_all() -> list:
-            return [decode_pixels(image, name) for image, name in opened]
+            return [upload.decode() for upload in opened]
 
         tensors = decode_all() if pixels <= INLINE_DECODE_PIXELS else await run_in_threadpool(decode_all)
     except ImageError as exc:
