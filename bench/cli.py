@@ -8,13 +8,14 @@
     prune-bench load    load/soak over HTTP: errors, latency percentiles, images/s, server RSS
     prune-bench serve   served accuracy over HTTP and the micro-batching ratio
     prune-bench memory  glibc's default allocator settings vs the service's retained freed memory
+    prune-bench readme  README's results table from the manifest, the checkpoints and a saved http run
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("speed", "load", "serve", "plan", "http", "startup", "failover", "memory")
+COMMANDS = ("speed", "load", "serve", "plan", "http", "startup", "failover", "memory", "readme")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench.failover import main as run
     elif command == "memory":
         from bench.memory import main as run
+    elif command == "readme":
+        from bench.readme import main as run
     else:
         from bench.speed import main as run
     return run(argv)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import re
 import shutil
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10, help="length of one wrk run")
     p.add_argument("--warmup", type=float, default=2, help="wrk warm-up before each server's runs")
     p.add_argument("--ready-timeout", type=float, default=600)
+    p.add_argument("--save", metavar="JSON", help="also write the run (machine, command, every row) here, e.g. "
+                                                  "models/http-results.json for `prune-bench readme`")
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
         print("prune-bench http needs wrk (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
@@ -128,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if "dense" not in args.variants:
         args.variants.insert(0, "dense")
 
-    print(f"{machine()}; wrk -t1 on loopback, {args.seconds:g} s per cell; command: prune-bench http "
-          + " ".join(argv if argv is not None else sys.argv[2:]), flush=True)
+    command = "prune-bench http " + " ".join(argv if argv is not None else sys.argv[2:])
+    print(f"{machine()}; wrk -t1 on loopback, {args.seconds:g} s per cell; command: {command}", flush=True)
     rows = []
     configs = [(w, b) for w in args.workers for b in args.max_batch]
     for workers, max_batch in configs:
@@ -186,7 +189,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['images_per_s']:.1f} | {r['images_per_s'] / dense['images_per_s']:.2f} | "
               f"{r['images_per_s'] / base['images_per_s']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{r['errors']} |")
+    if args.save:
+        save_run(Path(args.save), command, args.seconds, rows)
     return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+def save_run(path: Path, command: str, seconds: float, rows: list[dict]) -> None:
+    """The run as JSON: what `prune-bench readme` builds the README's HTTP column from."""
+    run = {"machine": machine(), "cores": len(os.sched_getaffinity(0)), "command": command, "seconds": seconds,
+           "date": time.strftime("%Y-%m-%d", time.gmtime()), "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run, indent=1) + "\n")
+    print(f"saved to {path}")
 
 
 if __name__ == "__main__":

@@ -88,3 +88,52 @@ def test_memory_bench_times_both_allocator_modes_in_their_own_processes(models_d
     text = capsys.readouterr().out
     assert "round 1: default measured" in text and "round 1: retained measured" in text
     assert "| dense |" in text and "| channel-keep0.50 |" in text and "peak RSS of a child" in text
+
+
+def _http_run(rows: list[tuple[str, int, float]]) -> dict:
+    return {"machine": "Test CPU (avx2)", "cores": 2, "command": "prune-bench http --variants ...", "seconds": 10,
+            "date": "2026-01-01", "rows": [{"variant": v, "tta": tta, "images_per_s": ips, "workers": 1,
+                                            "max_batch": 64, "images": 64, "clients": 4} for v, tta, ips in rows]}
+
+
+def test_readme_table_is_written_from_the_manifest_and_checked(models_dir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("onnxruntime")
+    from bench.readme import BEGIN, END
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nprose\n\n{BEGIN}\nstale\n{END}\n\nmore prose\n")
+    http = tmp_path / "http.json"
+    # dense at the served level (0 in this manifest) is what × dense divides by; rows at other levels are ignored
+    http.write_text(json.dumps(_http_run([("dense", 0, 400.0), ("channel-keep0.50", 0, 1000.0),
+                                          ("gate-keep0.10", 2, 5.0)])))
+    args = ["readme", "--models-dir", str(models_dir), "--readme", str(readme), "--http", str(http)]
+    assert prune_bench(args) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n\nprose\n\n") and text.endswith("\n\nmore prose\n") and "stale" not in text
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    for v in manifest["variants"]:
+        row = rows[v["name"]]
+        assert f"| {v['params']['nonzero']:,} |" in row
+        assert f"| {v['test_acc_mean']:.2f} ± {v['test_acc_std']:.2f} | {v['drop']:+.2f} |" in row
+        assert f"| {v['bytes'] / 1e6:.2f} MB |" in row
+    assert rows["dense"].endswith("| 400 (1.00×) |") and rows["channel-keep0.50"].endswith("| 1000 (2.50×) |")
+    assert rows["gate-keep0.10"].endswith("| – |")  # measured only at another level
+    assert "Test CPU (avx2), 2 cores, 2026-01-01" in text
+
+    capsys.readouterr()
+    assert prune_bench([*args, "--check"]) == 0
+    readme.write_text(text.replace(f"{manifest['variants'][0]['test_acc_mean']:.2f} ±", "99.99 ±"))
+    assert prune_bench([*args, "--check"]) == 1  # a hand-edited figure is caught, with the diff
+    assert "+| dense |" in capsys.readouterr().out
+    readme.write_text("no markers\n")
+    assert prune_bench([*args, "--check"]) == 2
+
+
+def test_shipped_readme_table_matches_the_shipped_models() -> None:
+    """README.md's results table is exactly what models/ (manifest, checkpoints, saved HTTP run) says."""
+    pytest.importorskip("onnxruntime")
+    root = Path(__file__).resolve().parent.parent
+    assert prune_bench(["readme", "--models-dir", str(root / "models"), "--readme", str(root / "README.md"),
+                        "--check"]) == 0
