@@ -40,11 +40,18 @@ def onnx_sizes(models_dir: Path, manifest: Manifest) -> dict[str, int]:
     return sizes
 
 
-def http_column(run: dict | None, served: int) -> tuple[dict[str, str], str]:
+def http_column(run: dict | None, manifest: Manifest) -> tuple[dict[str, str], str]:
     """Per variant "images/s (× dense)" at the served TTA level from the run's first configuration and
-    load (workers, MAX_BATCH, images per request, clients), and the line naming where it was measured."""
+    load (workers, MAX_BATCH, images per request, clients), and the line naming where it was measured.
+    ValueError when the run measured other checkpoints than the manifest's."""
     if not run:
         return {}, "HTTP images/s: no saved `prune-bench http --save` run."
+    shipped = {v.name: v.sha256 for v in manifest.variants}
+    stale = sorted(name for name, sha in run.get("checkpoints", {}).items() if shipped.get(name) != sha)
+    if stale or "checkpoints" not in run:
+        raise ValueError(f"the saved HTTP run measured other checkpoints ({', '.join(stale) or 'not recorded'}) "
+                         "than the manifest's: measure again with `prune-bench http --save`")
+    served = manifest.tta
     rows = run["rows"]
     first = rows[0]
     same = ("workers", "max_batch", "images", "clients")
@@ -70,7 +77,7 @@ def table(models_dir: Path, run: dict | None) -> str:
     manifest = Manifest.model_validate_json((models_dir / "manifest.json").read_text())
     served = manifest.tta
     sizes = onnx_sizes(models_dir, manifest)
-    http, provenance = http_column(run, served)
+    http, provenance = http_column(run, manifest)
     others = " / ".join(str(TTA_VIEWS[level]) for level in TTA_LEVELS if level != served)
     lines = [f"| variant | granularity | keep | nonzero params | checkpoint | ONNX | test acc % "
              f"({TTA_VIEWS[served]} views, served) | drop | test acc % at {others} views "

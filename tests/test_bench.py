@@ -52,7 +52,8 @@ def test_load_refuses_a_non_loopback_target(capsys: pytest.CaptureFixture) -> No
     assert "loopback" in capsys.readouterr().err
 
 
-def test_http_bench_compares_variants_and_configurations(models_dir: Path, capsys: pytest.CaptureFixture) -> None:
+def test_http_bench_compares_variants_and_configurations(models_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
     import shutil
 
     from tests.live import free_port
@@ -61,13 +62,18 @@ def test_http_bench_compares_variants_and_configurations(models_dir: Path, capsy
         pytest.skip("wrk is not installed (.ci/run installs it)")
     assert prune_bench(["http", "--models-dir", str(models_dir), "--variants", "gate-keep0.10", "--clients", "2",
                         "--images", "1", "--max-batch", "1", "8", "--seconds", "1", "--warmup", "1",
-                        "--tta", "0", "1", "--port", str(free_port())]) == 0
+                        "--tta", "0", "1", "--port", str(free_port()), "--save", str(tmp_path / "http.json")]) == 0
     text = capsys.readouterr().out
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| 1 |")]
     assert len(rows) == 8  # 2 variants (dense added) × 2 TTA levels × 2 server configurations
     assert {(row[2], row[3]) for row in rows} == {(v, t) for v in ("dense", "gate-keep0.10") for t in ("0", "1")}
     dense_served = next(row for row in rows if row[:4] == ["1", "1", "dense", "0"])  # the test manifest serves 0
     assert dense_served[7:9] == ["1.00", "1.00"]  # ×dense is against it, as is ×first config
+
+    saved = json.loads((tmp_path / "http.json").read_text())  # what `prune-bench readme` reads
+    assert len(saved["rows"]) == 8 and saved["cores"] >= 1 and saved["command"].startswith("prune-bench http ")
+    shipped = {v["name"]: v["sha256"] for v in json.loads((models_dir / "manifest.json").read_text())["variants"]}
+    assert saved["checkpoints"] == {name: shipped[name] for name in ("dense", "gate-keep0.10")}
 
 
 def test_failover_behind_haproxy_loses_no_request(models_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -90,10 +96,13 @@ def test_memory_bench_times_both_allocator_modes_in_their_own_processes(models_d
     assert "| dense |" in text and "| channel-keep0.50 |" in text and "peak RSS of a child" in text
 
 
-def _http_run(rows: list[tuple[str, int, float]]) -> dict:
+def _http_run(models_dir: Path, rows: list[tuple[str, int, float]]) -> dict:
+    """A saved `prune-bench http --save` run of these models' checkpoints."""
+    shas = {v["name"]: v["sha256"] for v in json.loads((models_dir / "manifest.json").read_text())["variants"]}
     return {"machine": "Test CPU (avx2)", "cores": 2, "command": "prune-bench http --variants ...", "seconds": 10,
-            "date": "2026-01-01", "rows": [{"variant": v, "tta": tta, "images_per_s": ips, "workers": 1,
-                                            "max_batch": 64, "images": 64, "clients": 4} for v, tta, ips in rows]}
+            "date": "2026-01-01", "checkpoints": {v: shas[v] for v, _, _ in rows},
+            "rows": [{"variant": v, "tta": tta, "images_per_s": ips, "workers": 1, "max_batch": 64, "images": 64,
+                      "clients": 4} for v, tta, ips in rows]}
 
 
 def test_readme_table_is_written_from_the_manifest_and_checked(models_dir: Path, tmp_path: Path,
@@ -105,8 +114,8 @@ def test_readme_table_is_written_from_the_manifest_and_checked(models_dir: Path,
     readme.write_text(f"# title\n\nprose\n\n{BEGIN}\nstale\n{END}\n\nmore prose\n")
     http = tmp_path / "http.json"
     # dense at the served level (0 in this manifest) is what × dense divides by; rows at other levels are ignored
-    http.write_text(json.dumps(_http_run([("dense", 0, 400.0), ("channel-keep0.50", 0, 1000.0),
-                                          ("gate-keep0.10", 2, 5.0)])))
+    run = _http_run(models_dir, [("dense", 0, 400.0), ("channel-keep0.50", 0, 1000.0), ("gate-keep0.10", 2, 5.0)])
+    http.write_text(json.dumps(run))
     args = ["readme", "--models-dir", str(models_dir), "--readme", str(readme), "--http", str(http)]
     assert prune_bench(args) == 0
     text = readme.read_text()
@@ -129,6 +138,11 @@ def test_readme_table_is_written_from_the_manifest_and_checked(models_dir: Path,
     assert "+| dense |" in capsys.readouterr().out
     readme.write_text("no markers\n")
     assert prune_bench([*args, "--check"]) == 2
+
+    readme.write_text(text)  # a saved run of other checkpoints (e.g. from before a rebuild) is refused
+    http.write_text(json.dumps({**run, "checkpoints": {**run["checkpoints"], "channel-keep0.50": "0" * 64}}))
+    assert prune_bench([*args, "--check"]) == 2
+    assert "other checkpoints (channel-keep0.50)" in capsys.readouterr().err
 
 
 def test_shipped_readme_table_matches_the_shipped_models() -> None:
