@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import platform
@@ -59,9 +60,13 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PRUNE_CACHE_DIR", str(tmp_path / "cache"))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+    # A service started in this process froze what was alive (app.service.freeze_long_lived_objects):
+    # hand it back to the collector, or every test's app would stay in memory for the whole run.
+    gc.unfreeze()
 
 
 def build_models_dir(root: Path, keeps: tuple[float, ...] = (1.0, 0.5, 0.1), seed: int = 0,

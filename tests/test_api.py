@@ -96,6 +96,20 @@ def test_predict_multipart_batch_and_field_names(client: TestClient) -> None:
     assert body["inference_ms"] > 0
 
 
+def test_start_up_objects_are_frozen_out_of_the_garbage_collectors_view(models_dir: Path) -> None:
+    """A full collection must not walk torch, the app and the networks on every pass (the p99 stalls)."""
+    import gc
+
+    assert gc.get_freeze_count() == 0  # conftest hands frozen objects back after every test
+    with make_client(models_dir) as c:
+        wait_ready(c)
+        frozen = gc.get_freeze_count()
+        assert frozen > 50_000  # torch and the app alone are hundreds of thousands of objects
+        gc.collect()
+        assert gc.get_freeze_count() == frozen  # a collection walks the rest only
+        assert c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).status_code == 200
+
+
 def test_predict_matches_the_model_loaded_directly(client: TestClient, models_dir: Path) -> None:
     data = jpeg_bytes((10, 200, 90))
     r = client.post("/predict?keep=0.1&top_k=3", content=data, headers={"content-type": "image/jpeg"})
