@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from bench.runs import save_run
 from bench.serve import start_server
 from bench.speed import machine
 from core.model import TTA_LEVELS
@@ -190,22 +190,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['images_per_s'] / base['images_per_s']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{r['errors']} |")
     if args.save:
-        save_run(Path(args.save), command, args.seconds, rows, Path(args.models_dir))
+        save_run(Path(args.save), command, Path(args.models_dir), {r["variant"] for r in rows},
+                 seconds=args.seconds, rows=rows)
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 
-def save_run(path: Path, command: str, seconds: float, rows: list[dict], models_dir: Path) -> None:
-    """The run as JSON: what `prune-bench readme` builds the README's HTTP column from. It names the
-    checkpoints measured (sha256), so figures of other models are never shown next to these."""
-    manifest = json.loads((models_dir / "manifest.json").read_text())
-    measured = {r["variant"] for r in rows}
-    run = {"machine": machine(), "cores": len(os.sched_getaffinity(0)), "command": command, "seconds": seconds,
-           "date": time.strftime("%Y-%m-%d", time.gmtime()),
-           "checkpoints": {v["name"]: v["sha256"] for v in manifest["variants"] if v["name"] in measured},
-           "rows": rows}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(run, indent=1) + "\n")
-    print(f"saved to {path}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.runs import save_run
+
 
 def load_test_jpegs(path: Path, classes: list[str]) -> list[tuple[bytes, int]]:
     """(jpeg bytes, label) for every test image, read straight from the tarball or an ImageFolder."""
@@ -142,19 +144,25 @@ async def main_async(args: argparse.Namespace) -> int:
         await wait_ready(url, process=server)
         if args.skip_accuracy:
             keeps = []
+        settings = httpx.get(f"{url}/variants").json()
         print("\n| variant | keep | served acc % | manifest acc % (release seed) | diff | manifest mean ± std |")
         print("|---|---|---|---|---|---|")
-        worst = 0.0
+        rows = []
         for variant in manifest["variants"]:
             if variant["keep"] not in keeps:
                 continue
             served = await served_accuracy(url, variant["keep"], images, variant.get("granularity", "weight"))
             expected = variant["test_acc_per_seed"][release]
-            worst = max(worst, abs(served - expected))
+            rows.append({"variant": variant["name"], "served_acc": served, "manifest_acc": expected})
             print(f"| {variant['name']} | {variant['keep']:g} | {served:.2f} | {expected:.2f} | "
                   f"{served - expected:+.2f} | {variant['test_acc_mean']:.2f} ± {variant['test_acc_std']:.2f} |",
                   flush=True)
+        worst = max((abs(r["served_acc"] - r["manifest_acc"]) for r in rows), default=0.0)
         print(f"largest |served - manifest| = {worst:.2f} points (goal <= 0.3)")
+        if args.save and rows:
+            save_run(Path(args.save), "prune-bench serve " + " ".join(args.argv), Path(args.models_dir),
+                     {r["variant"] for r in rows}, images=len(images), precision=settings["precision"],
+                     tta=settings["tta"], rows=rows)
         batched = await throughput(url, args.throughput_keep, images, args.clients, args.seconds)
         batched_wrk = wrk_throughput(url, args.throughput_keep, images[0][0], args.clients, args.seconds)
     finally:
@@ -197,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--throughput-keep", type=float, default=1.0)
     p.add_argument("--skip-accuracy", action="store_true", help="only the micro-batching measurement")
-    return asyncio.run(main_async(p.parse_args(argv)))
+    p.add_argument("--save", metavar="JSON", help="also write the accuracy rows (with machine, command and the "
+                                                  "checkpoints measured) here, e.g. models/served-results.json "
+                                                  "for `prune-bench readme`")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[2:] if argv is None else argv)
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
