@@ -5,10 +5,11 @@ a single pixel is decoded: a decompression bomb costs a header read, not gigabyt
 The pixels then go through ``core.preprocess.preprocess``, the same function training evaluates with.
 
 One shortcut: a 32×32 JPEG (what CIFAR-sized clients send) is decoded by libjpeg-turbo directly
-(simplejpeg), which gives the same pixels as Pillow (its decoder is the same library) in a seventh of
-the time, most of Pillow's being per-image Python. At 64 images per request that is ~4 ms → ~0.6 ms
-of the event loop's time. Anything it is not certain to decode identically — another size, an EXIF
-block (it may carry an orientation), CMYK or RGB-coded JPEG, any libjpeg warning — goes through Pillow.
+(simplejpeg), which gives the same pixels as Pillow (its decoder is the same library) in a quarter of
+the time, most of Pillow's being per-image Python: 64 images per request take ~1.0 ms of the event loop
+instead of ~4.0 (`python scripts/decode_speed.py DATA`). Anything it is not certain to decode
+identically — another size, an EXIF block (it may carry an orientation), CMYK or RGB-coded JPEG, any
+libjpeg warning — goes through Pillow.
 """
 
 from __future__ import annotations
