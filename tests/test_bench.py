@@ -108,11 +108,11 @@ def _http_run(models_dir: Path, rows: list[tuple[str, int, float]]) -> dict:
 def test_readme_table_is_written_from_the_manifest_and_checked(models_dir: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("onnxruntime")
-    from bench.readme import BEGIN, END, SERVED_BEGIN, SERVED_END
+    from bench.readme import BEGIN, END, SERVED_BEGIN, SERVED_END, SUMMARY_BEGIN, SUMMARY_END
 
     readme, docs = tmp_path / "README.md", tmp_path / "training.md"
     readme.write_text(f"# title\n\nprose\n\n{BEGIN}\nstale\n{END}\n\nmore prose\n")
-    docs.write_text(f"## served\n{SERVED_BEGIN}\n{SERVED_END}\n")
+    docs.write_text(f"## results\n{SUMMARY_BEGIN}\n{SUMMARY_END}\n## served\n{SERVED_BEGIN}\n{SERVED_END}\n")
     http, served = tmp_path / "http.json", tmp_path / "served.json"
     # dense at the served level (0 in this manifest) is what × dense divides by; rows at other levels are ignored
     run = _http_run(models_dir, [("dense", 0, 400.0), ("channel-keep0.50", 0, 1000.0), ("gate-keep0.10", 2, 5.0)])
@@ -128,6 +128,7 @@ def test_readme_table_is_written_from_the_manifest_and_checked(models_dir: Path,
     assert "| dense | 1 | 90.20 | 90.00 | +0.20 |" in served_text
     assert "| gate-keep0.10 | 0.1 | 85.00 | 85.35 | -0.35 |" in served_text
     assert "**0.350 points** (goal ≤ 0.3: not met)" in served_text  # unrounded, judged on the worst variant
+    assert "#### Shipped variants" in served_text and "| gate-keep0.10 | weight | 0.1 |" in served_text
     text = readme.read_text()
     assert text.startswith("# title\n\nprose\n\n") and text.endswith("\n\nmore prose\n") and "stale" not in text
     manifest = json.loads((models_dir / "manifest.json").read_text())
@@ -157,7 +158,7 @@ def test_readme_table_is_written_from_the_manifest_and_checked(models_dir: Path,
 
 def test_serve_bench_measures_served_accuracy_and_saves_it(models_dir: Path, image_folder: Path,
                                                           tmp_path: Path) -> None:
-    from bench.readme import SERVED_BEGIN, SERVED_END
+    from bench.readme import SERVED_BEGIN, SERVED_END, SUMMARY_BEGIN, SUMMARY_END
     from tests.live import free_port
 
     manifest = json.loads((models_dir / "manifest.json").read_text())
@@ -176,7 +177,7 @@ def test_serve_bench_measures_served_accuracy_and_saves_it(models_dir: Path, ima
     assert run["checkpoints"] == {v["name"]: v["sha256"] for v in manifest["variants"]}
 
     docs, readme = tmp_path / "training.md", tmp_path / "README.md"
-    docs.write_text(f"{SERVED_BEGIN}\n{SERVED_END}\n")
+    docs.write_text(f"{SUMMARY_BEGIN}\n{SUMMARY_END}\n{SERVED_BEGIN}\n{SERVED_END}\n")
     readme.write_text("no results table here\n")
     assert prune_bench(["readme", "--models-dir", str(models_dir), "--served", str(saved), "--docs", str(docs),
                         "--readme", str(readme)]) == 2  # the README needs its markers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from core.manifest import VariantEntry
 from core.model import TTA_LEVELS, TTA_VIEWS
 from core.plot import plot_tradeoff  # noqa: F401 - the export draws models/tradeoff.png with it
 
@@ -33,31 +34,22 @@ def _cell(row: dict | None) -> str:
     return f"{row['test_acc_mean']:.2f} ± {row['test_acc_std']:.2f}" if row else "–"
 
 
-def write_summary(manifest: dict, out: Path) -> str:
-    """summary.md: the shipped variants, the criteria side by side, and the issue's goals, all from
-    the manifest (so the README quotes numbers that a command produced)."""
-    table = manifest["sweep"]
+def _val_cell(row: dict | None) -> str:
+    return f"{row['val_acc_mean']:.2f}" if row and row.get("val_acc_mean") is not None else "–"
+
+
+def _sweep_sections(table: list[dict], heading: str) -> list[str]:
+    """The criteria side by side (test, and validation for the phase-2 methods), the channel variants, dense."""
+    if not table:
+        return []
     by = {(r["criterion"], r["keep"], r["finetuned"]): r for r in table}
-    dense = by[("dense", 1.0, False)]
-    lines = ["### Shipped variants (release seed's checkpoints; test accuracy = mean ± std over seeds)", "",
-             "| variant | granularity | keep | sparsity | nonzero / total params | checkpoint bytes | fine-tuned "
-             f"| test acc % (TTA {manifest.get('tta', 0)}, served) | drop "
-             f"| test acc % at {' / '.join(map(str, TTA_VIEWS))} views |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for v in manifest["variants"]:
-        levels = " / ".join(f"{v[f'test_acc_tta{level}_mean']:.2f}" if f"test_acc_tta{level}_mean" in v else "–"
-                            for level in TTA_LEVELS)  # what a request choosing fewer views gets (?tta=)
-        lines.append(f"| {v['name']} | {v.get('granularity', 'weight')} | {v['keep']:g} | {v['sparsity'] * 100:.0f}% | "
-                     f"{v['params']['nonzero']:,} / {v['params']['total']:,} | {v['bytes']:,}"
-                     f"{' (mask over dense.safetensors)' if v.get('base') else ''} | "
-                     f"{'yes' if v['finetuned'] else 'no'} | {v['test_acc_mean']:.2f} ± {v['test_acc_std']:.2f} | "
-                     f"{v['drop']:+.2f} | {levels} |")
+    lines: list[str] = []
     criteria = [c for c in ("gate", "gate_magnitude", "lamp", "magnitude", "random") if (c, 0.5, False) in by
                 or any(k[0] == c and not k[2] for k in by)]
     tuned = [c for c in ("gate_magnitude", "magnitude_gradual", "magnitude") if any(k[0] == c and k[2] for k in by)]
     names = {"gate_magnitude": "gated gradual (learned gates)", "magnitude_gradual": "gradual, gates frozen",
              "magnitude": "one-shot + fine-tune"}
-    lines += ["", "### Criteria on the same trained models (test acc %, mean ± std over seeds)", "",
+    lines += ["", f"{heading} Criteria on the same trained models (test acc %, mean ± std over seeds)", "",
               "One-shot columns: pruned at once, no fine-tune. Phase-2 columns: the same distilled fine-tune "
               "budget for each.", "",
               "| keep | " + " | ".join(f"{c} (one-shot)" for c in criteria) + " | "
@@ -66,14 +58,52 @@ def write_summary(manifest: dict, out: Path) -> str:
     for keep in sorted({r["keep"] for r in table if r["keep"] < 1.0 and r["criterion"] in criteria}, reverse=True):
         cells = [_cell(by.get((c, keep, False))) for c in criteria] + [_cell(by.get((c, keep, True))) for c in tuned]
         lines.append(f"| {keep:g} | " + " | ".join(cells) + " |")
+    tuned_keeps = sorted({k[1] for k in by if k[0] in tuned and k[2]}, reverse=True)
+    if tuned_keeps:  # what the choices were made on
+        lines += ["", "The phase-2 columns on **validation** (mean over seeds, no TTA, `val_acc_mean`):", "",
+                  "| keep | " + " | ".join(names[c] for c in tuned) + " |", "|---" * (1 + len(tuned)) + "|"]
+        lines += [f"| {keep:g} | " + " | ".join(_val_cell(by.get((c, keep, True))) for c in tuned) + " |"
+                  for keep in tuned_keeps]
     channel = sorted((r for r in table if r["criterion"] == "channel"), key=lambda r: -r["keep"])
     if channel:
-        lines += ["", "### Channel granularity (every conv keeps this share of its channels; masked fine-tune)", "",
+        lines += ["", f"{heading} Channel granularity (every conv keeps this share of its channels; masked "
+                      "fine-tune)", "",
                   "| channels kept | weight sparsity | nonzero params | test acc % | drop |", "|---|---|---|---|---|"]
         lines += [f"| {r['keep']:g} | {r['sparsity'] * 100:.1f}% | {r['nonzero']:,} | {_cell(r)} | {r['drop']:+.2f} |"
                   for r in channel]
-    lines += ["", f"Dense: {_cell(dense)} % over {len(dense['test_acc_per_seed'])} seeds "
-                  f"({', '.join(f'{a:.2f}' for a in dense['test_acc_per_seed'])}).", ""]
+    dense = by.get(("dense", 1.0, False))
+    if dense:
+        lines += ["", f"Dense: {_cell(dense)} % over {len(dense['test_acc_per_seed'])} seeds "
+                      f"({', '.join(f'{a:.2f}' for a in dense['test_acc_per_seed'])}).", ""]
+    return lines
+
+
+def write_summary(manifest: dict, out: Path) -> str:
+    """summary.md: the shipped variants, the criteria side by side, and the goals, all from the manifest."""
+    text = summary_markdown(manifest)
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def summary_markdown(manifest: dict, heading: str = "###") -> str:
+    """The shipped variants, the criteria side by side (test, and validation for the phase-2 methods),
+    the channel variants and the goals, all from the manifest: models/summary.md, and docs/training.md's
+    results through `prune-bench readme`."""
+    lines = [f"{heading} Shipped variants (release seed's checkpoints; test accuracy = mean ± std over seeds)", "",
+             "| variant | granularity | keep | sparsity | nonzero / total params | checkpoint bytes | fine-tuned "
+             f"| test acc % (TTA {manifest.get('tta', 0)}, served) | drop "
+             f"| test acc % at {' / '.join(map(str, TTA_VIEWS))} views |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for v in manifest["variants"]:
+        # what a request choosing fewer views gets (?tta=), read as the service reads it
+        recorded = VariantEntry.model_validate(v).test_acc_by_tta() | {manifest.get("tta", 0): v["test_acc_mean"]}
+        levels = " / ".join(f"{recorded[level]:.2f}" if level in recorded else "–" for level in TTA_LEVELS)
+        lines.append(f"| {v['name']} | {v.get('granularity', 'weight')} | {v['keep']:g} | {v['sparsity'] * 100:.0f}% | "
+                     f"{v['params']['nonzero']:,} / {v['params']['total']:,} | {v['bytes']:,}"
+                     f"{' (mask over dense.safetensors)' if v.get('base') else ''} | "
+                     f"{'yes' if v['finetuned'] else 'no'} | {v['test_acc_mean']:.2f} ± {v['test_acc_std']:.2f} | "
+                     f"{v['drop']:+.2f} | {levels} |")
+    lines += _sweep_sections(manifest.get("sweep") or [], heading)  # none in a models/ assembled by hand
     # Goals are judged on the variants the service ships, unrounded (not on the best of all criteria).
     shipped = {v["keep"]: v for v in manifest["variants"] if v.get("granularity", "weight") == "weight"}
     for keep, goal in ((0.3, 0.2), (0.1, 0.4), (0.05, 1.0)):
@@ -82,6 +112,4 @@ def write_summary(manifest: dict, out: Path) -> str:
             verdict = "met" if variant["drop"] <= goal else f"missed by {variant['drop'] - goal:.3f}"
             lines.append(f"- keep {keep:g}: shipped {variant['name']} drops {variant['drop']:.3f} points; "
                          f"goal ≤ {goal} → {verdict}")
-    text = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(text)
-    return text
+    return "\n".join(lines) + "\n"
