@@ -195,7 +195,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 
-
-
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -27,8 +27,8 @@ def save_run(path: Path, command: str, models_dir: Path, measured: set[str], **f
 
 
 def stale_checkpoints(run: dict, shipped: dict[str, str]) -> list[str]:
-    """Variants the run measured with other checkpoints than ``shipped`` (name → sha256) has; ["?"] when
-    the run does not say which it measured."""
+    """Variants the run measured with other checkpoints than ``shipped`` (name → sha256) has; ["not
+    recorded"] when the run does not say which it measured."""
     if "checkpoints" not in run:
         return ["not recorded"]
     return sorted(name for name, sha in run["checkpoints"].items() if shipped.get(name) != sha)
