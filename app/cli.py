@@ -43,18 +43,21 @@ def port_problem(host: str, port: int) -> str | None:
 def check(settings: Settings) -> int:
     """Verify and load every variant (with the matching execution plan, if any), print the table."""
     from app.service import configure_process
-    from engine import plan as plans
-
     key = configure_process(settings, settings.inference_precision())  # threads and allocator as the service's
     logging.getLogger("app.registry").setLevel(logging.CRITICAL)  # its problems are printed below, once
     registry = Registry(settings.models_dir, settings.inference_precision(), probe_runs=3,
                         onnx_runtime=settings.onnx_runtime)
-    found = plans.find(settings.plan_directories(), key)
-    plan, source = (found[0], str(found[1])) if found else (None, "")
-    registry.load(plan, source)
+    registry.load_models()
     if not registry.ready:
         print(f"prune-serve: models not servable: {registry.error}", file=sys.stderr)
         return 1
+    found = registry.fitting_plan(settings.plan_directories(), key)
+    for checked in registry.plan_checks:
+        if not checked["fits"]:
+            print(f"plan {checked['plan']} does not fit this machine ({checked['variant']}: "
+                  f"{checked['here_p50_ms']} ms here, {checked['plan_p50_ms']} ms in the plan): measuring instead")
+    plan, source = (found[0], str(found[1])) if found else (None, "")
+    registry.optimise_all(plan, source)
     for v in registry.variants:
         print(f"{v.name:>24}  {v.granularity:<7} keep {v.keep:<5g} acc {v.test_acc_mean:6.2f}%  "
               f"{v.bytes:>10,} B on disk  {v.net.nbytes():>10,} B in memory  "

@@ -119,6 +119,8 @@ class Registry:
         self.stopping = threading.Event()  # set at shutdown: loading and calibration stop at the next step
         self._base_cache: dict = {}
         self._lock = threading.Lock()  # one forward pass at a time: 2 cores, torch already uses both
+        self.plan_checks: list[dict] = []  # each plan's speed check (check_plan), in the order made
+        self._unfit_plans: set[Path] = set()
 
     # -- loading ---------------------------------------------------------------------------
     def load(self, plan: dict | None = None, plan_source: str = "") -> None:
@@ -126,8 +128,11 @@ class Registry:
         the synchronous path used by ``prune-serve --check`` and ``prune-bench``."""
         self.load_models()
         if self.ready:
-            for variant in self.variants:
-                self.optimise(variant, plans.entry_for(plan, variant.name, variant.sha256), plan_source)
+            self.optimise_all(plan, plan_source)
+
+    def optimise_all(self, plan: dict | None = None, plan_source: str = "") -> None:
+        for variant in self.variants:
+            self.optimise(variant, plans.entry_for(plan, variant.name, variant.sha256), plan_source)
 
     def load_models(self) -> None:
         """Verify and build every variant on its compact dense path; sets ``ready`` or ``error``.
@@ -256,19 +261,58 @@ class Registry:
         served level, or ``tta``)."""
         latency = {}
         for batch in LATENCY_BATCHES:
-            x = torch.randn(batch, 3, 32, 32)
-            self._forward(variant, x, tta)  # warm-up: allocator, oneDNN primitive cache
-            times = []
-            for _ in range(runs):
-                if self.stopping.is_set():
-                    raise Interrupted("shutting down")
-                began = time.perf_counter()
-                self._forward(variant, x, tta)
-                times.append(time.perf_counter() - began)
+            times = self._times(variant, batch, runs, tta)
             p50 = statistics.median(times)
             latency[batch] = {"p50_ms": p50 * 1e3, "p95_ms": percentile(times, 95) * 1e3,
                               "images_per_s": batch / p50}
         return latency
+
+    def _times(self, variant: Variant, batch: int, runs: int, tta: int | None) -> list[float]:
+        """Seconds per forward pass of ``batch`` random images, ``runs`` times after one warm-up pass."""
+        x = torch.randn(batch, 3, 32, 32)
+        self._forward(variant, x, tta)  # warm-up: allocator, oneDNN primitive cache
+        times = []
+        for _ in range(runs):
+            if self.stopping.is_set():
+                raise Interrupted("shutting down")
+            began = time.perf_counter()
+            self._forward(variant, x, tta)
+            times.append(time.perf_counter() - began)
+        return times
+
+    def check_plan(self, plan: dict) -> dict:
+        """Time the plan's first variant that has a figure at the check point (engine.plan.CHECK_*) on its
+        planned paths, here: {"variant", "plan_p50_ms", "here_p50_ms", "fits"}; a plan with no such
+        variant does not fit (nothing shows that its figures hold here)."""
+        for variant in self.variants:
+            entry = plans.entry_for(plan, variant.name, variant.sha256)
+            if entry is None:
+                continue
+            with self._lock:
+                try:
+                    plan_ms = plans.check_point(entry)
+                    plans.apply(variant.net, entry, self.onnx_runtime)
+                except (plans.PlanError, KeyError, TypeError, ValueError, AttributeError):
+                    continue
+                here_ms = 1e3 * statistics.median(self._times(variant, plans.CHECK_BATCH, plans.CHECK_RUNS,
+                                                              plans.CHECK_TTA))
+            return {"variant": variant.name, "plan_p50_ms": round(plan_ms, 3), "here_p50_ms": round(here_ms, 3),
+                    "fits": plans.fits(plan_ms, here_ms)}
+        return {"variant": None, "plan_p50_ms": None, "here_p50_ms": None, "fits": False}
+
+    def fitting_plan(self, directories: list[Path], key: dict) -> tuple[dict, Path] | None:
+        """The first plan for ``key`` in ``directories`` whose figures hold on this machine (check_plan);
+        each check is kept in ``plan_checks``, and a plan that failed one is not looked at again."""
+        while (found := plans.find(directories, key, frozenset(self._unfit_plans))) is not None:
+            plan, path = found
+            check = {"plan": str(path), **self.check_plan(plan)}
+            self.plan_checks.append(check)
+            if check["fits"]:
+                return found
+            log.warning("execution plan %s does not fit this machine: %s ran %s ms here, %s ms in the plan; "
+                        "measuring here instead", path, check["variant"], check["here_p50_ms"], check["plan_p50_ms"])
+            self._unfit_plans.add(path)
+        return None
 
     def plan_entry(self, variant: Variant) -> dict:
         """What a plan records for ``variant`` (see engine/plan.py)."""

@@ -104,9 +104,18 @@ class VariantRow(BaseModel):
                                                  "whichever was measured faster here")
 
 
+class PlanCheck(BaseModel):
+    plan: str = Field(description="the execution plan file checked")
+    variant: str | None = Field(description="the variant timed (its first one with a figure at the check point)")
+    plan_p50_ms: float | None = Field(description="the plan's median latency there: batch 8, 1 view")
+    here_p50_ms: float | None = Field(description="the same, measured on this machine before the plan is used")
+    fits: bool = Field(description="within 1.5x either way: the plan is used; else it is ignored and this "
+                                   "machine measures its own")
+
+
 class Execution(BaseModel):
-    status: str = Field(description="dense (serving on compact dense paths, figures pending), applying plan, "
-                                    "calibrating, waiting for plan (another worker calibrates), done")
+    status: str = Field(description="dense (serving on compact dense paths, figures pending), checking plan, "
+                                    "applying plan, calibrating, waiting for plan (another worker calibrates), done")
     plan: str | None = Field(description="the execution plan file in use, if any")
     key: dict = Field(description="what plans are matched on: CPU model, instruction set, torch, precision, threads")
     threads: int = Field(description="intra-op threads of this worker")
@@ -114,6 +123,7 @@ class Execution(BaseModel):
                                               "see core/hardware.py); false: the C library's defaults")
     auto_speed_basis: str = Field(description="what keep=auto ranks speed by: measured (batch-64 throughput) or "
                                               "compute (multiply-adds, until every variant is measured)")
+    plan_checks: list[PlanCheck] = Field(description="each matching plan's speed check at start-up, in order")
 
 
 class VariantsResponse(BaseModel):
@@ -134,5 +144,5 @@ class ReadyResponse(BaseModel):
     ready: bool
     variants: int = 0
     error: str | None = None
-    execution: str = Field("loading", description="loading, failed, dense, applying plan, calibrating, "
-                                                  "waiting for plan, done (see /variants)")
+    execution: str = Field("loading", description="loading, failed, dense, checking plan, applying plan, "
+                                                  "calibrating, waiting for plan, done (see /variants)")

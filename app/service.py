@@ -75,7 +75,8 @@ class Service:
         # One inference thread: torch's intra-op threads already use every core this worker is given.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.batchers: dict[tuple[str, int], MicroBatcher] = {}  # (variant name, TTA level) → its batcher
-        self.execution = "loading"  # loading → dense → applying plan | calibrating | waiting for plan → done
+        # loading → dense → checking plan → applying plan | calibrating | waiting for plan → done
+        self.execution = "loading"
         self.plan_source: str | None = None
         self.plan_key: dict = {}
         self._loading: asyncio.Task | None = None
@@ -108,7 +109,12 @@ class Service:
 
     async def _optimise(self, loop: asyncio.AbstractEventLoop) -> None:
         directories, cache = self.settings.plan_directories(), self.settings.plan_cache()
-        found = plans.find(directories, self.plan_key)
+
+        async def fitting_plan() -> tuple[dict, Path] | None:  # a plan that holds here (Registry.check_plan)
+            return await loop.run_in_executor(self.executor, self.registry.fitting_plan, directories, self.plan_key)
+
+        self.execution = "checking plan"
+        found = await fitting_plan()
         lock = None
         if found is None and cache is not None:
             lock = plans.CalibrationLock(cache / plans.plan_filename(self.plan_key))
@@ -116,11 +122,11 @@ class Service:
                 while not lock.acquire():  # another worker is calibrating: serve dense, wait for its plan
                     self.execution = "waiting for plan"
                     await asyncio.sleep(PLAN_POLL_S)
-                    found = plans.find(directories, self.plan_key)
+                    found = await fitting_plan()
                     if found is not None:
                         break
                 else:
-                    found = plans.find(directories, self.plan_key)  # it may have appeared meanwhile
+                    found = await fitting_plan()  # it may have appeared meanwhile
             except OSError as exc:
                 log.warning("plan cache %s unusable (%s): calibrating without sharing", cache, exc)
                 lock = None

@@ -7,8 +7,8 @@ then --rounds rounds of --probe-runs timed forward passes per batch bucket throu
 own forward at every test-time augmentation level a request may choose (the served one is the
 variant's headline figure), variants interleaved in an order rotated every round. The plan keeps,
 per bucket and level, the median over rounds of each round's p50 and p95. The file is keyed by CPU
-model and instruction set, torch version, precision and threads: make one per thread count you
-serve with (`--workers 2` on 2 cores runs 1 thread per worker).
+model, microarchitecture (CPUID family and model) and instruction set, torch version, precision and
+threads: make one per thread count you serve with (`--workers 2` on 2 cores runs 1 thread per worker).
 
     prune-bench plan --models-dir models                 # threads = usable cores, precision as served
     prune-bench plan --models-dir models --threads 1     # for prune-serve --workers 2 on 2 cores

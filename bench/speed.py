@@ -42,12 +42,13 @@ Runner = Callable[[torch.Tensor], object]
 
 
 def machine() -> str:
-    """The CPU every figure was measured on (model and instruction-set tier)."""
+    """The CPU every figure was measured on: model, microarchitecture and instruction-set tier, e.g.
+    "AMD EPYC (family 25 model 17, avx512_bf16)"."""
     from core.hardware import detect
     from engine.plan import isa_level
 
     caps = detect()
-    return f"{caps.cpu_model} ({isa_level(caps)})"
+    return f"{caps.cpu_model} ({', '.join(filter(None, (caps.cpu_id, isa_level(caps))))})"
 
 
 def images_per_second(run: Runner, x: torch.Tensor, seconds: float) -> float:

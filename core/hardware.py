@@ -32,6 +32,9 @@ class Capabilities:
 
     cpu_model: str = "unknown CPU"
     cpu_flags: frozenset[str] = field(default_factory=frozenset)
+    # The microarchitecture, from CPUID ("family 25 model 17") or the ARM part: virtual machines often
+    # name every AMD CPU "AMD EPYC", and a Zen 4 and a Zen 5 EPYC then look alike by model name alone.
+    cpu_id: str = ""
     cuda_devices: tuple[str, ...] = ()  # GPU names, index = CUDA ordinal
     cuda_bf16: tuple[bool, ...] = ()  # per GPU: bfloat16 supported (compute capability >= 8.0)
 
@@ -40,32 +43,49 @@ class Capabilities:
         return bool({"amx_bf16", "avx512_bf16"} & self.cpu_flags)
 
 
-def _cpuinfo() -> tuple[str, frozenset[str]]:
+# /proc/cpuinfo fields that identify the microarchitecture: x86 (CPUID family and model), then ARM.
+CPU_ID_FIELDS = (("cpu family", "family"), ("model", "model"), ("CPU implementer", "implementer"),
+                 ("CPU part", "part"))
+
+
+def _cpuinfo() -> tuple[str, frozenset[str], str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or "unknown CPU", frozenset()
+        return platform.processor() or "unknown CPU", frozenset(), ""
+    return parse_cpuinfo(text)
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str], str]:
+    """Model name, flags and microarchitecture id ("family 25 model 17") of the first processor listed."""
     model, flags = None, None
-    for line in text.splitlines():  # the first processor's entry speaks for all
+    ids: dict[str, str] = {}
+    for line in text.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip()
+        key, value = key.strip(), value.strip()
+        if not key and (model or flags):
+            break  # the first processor's entry speaks for all
         if key == "model name" and model is None:
-            model = value.strip()
-        elif key == "flags" and flags is None:
+            model = value
+        elif key in ("flags", "Features") and flags is None:
             flags = frozenset(value.split())
-    return model or platform.processor() or "unknown CPU", flags or frozenset()
+        else:
+            ids.setdefault(key, value)
+    cpu_id = " ".join(f"{label} {ids[field]}" for field, label in CPU_ID_FIELDS if ids.get(field))
+    return model or platform.processor() or "unknown CPU", flags or frozenset(), cpu_id
 
 
 @lru_cache
 def detect() -> Capabilities:
-    model, flags = _cpuinfo()
+    model, flags, cpu_id = _cpuinfo()
     names: list[str] = []
     bf16: list[bool] = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             names.append(torch.cuda.get_device_name(index))
             bf16.append(torch.cuda.get_device_capability(index)[0] >= 8)
-    return Capabilities(cpu_model=model, cpu_flags=flags, cuda_devices=tuple(names), cuda_bf16=tuple(bf16))
+    return Capabilities(cpu_model=model, cpu_flags=flags, cpu_id=cpu_id, cuda_devices=tuple(names),
+                        cuda_bf16=tuple(bf16))
 
 
 def select_device(requested: str = "auto", caps: Capabilities | None = None) -> torch.device:
@@ -158,7 +178,7 @@ def retain_freed_memory(large_buffers: bool = False) -> bool:
 def describe(device: torch.device, precision: str, caps: Capabilities | None = None) -> dict:
     """What the manifest records about where a run happened."""
     caps = caps or detect()
-    info = {"device": str(device), "precision": precision, "cpu_model": caps.cpu_model,
+    info = {"device": str(device), "precision": precision, "cpu_model": caps.cpu_model, "cpu_id": caps.cpu_id,
             "cpu_native_bf16": caps.cpu_native_bf16, "torch_version": torch.__version__}
     if device.type == "cuda":
         info["gpu_model"] = caps.cuda_devices[device.index or 0]

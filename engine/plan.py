@@ -4,8 +4,9 @@ Measuring the fastest path (``engine.compact.calibrate``) and timing every varia
 seconds on 2 cores, and its figures are noisy from one start to the next. A plan records the result
 once, for one machine: per variant (identified by its checkpoint's sha256), each layer's path and
 the network backend per batch bucket, and the latency figures (median of several rounds). It is
-only valid on the machine kind that measured it, so it is keyed by CPU model and instruction set,
-torch version, inference precision and thread count.
+only valid on the machine kind that measured it, so it is keyed by CPU model, microarchitecture (CPUID
+family and model) and instruction set, torch version, inference precision and thread count, and the
+service times one variant before it trusts a plan's figures (``speed_ratio``).
 
 Plans are made by ``prune-bench plan`` (stored in ``models/plans/``) or, when none matches, by the
 service itself in the background (stored in a cache directory, so the next start and the other
@@ -55,14 +56,14 @@ def plan_key(precision: str, threads: int | None = None, caps: Capabilities | No
     same allocator behaviour (``memory_retained``: core.hardware.retain_freed_memory applied; glibc's
     defaults page-fault activations back in every pass, ~1.4x slower at batch 64)."""
     caps = caps or detect()
-    return {"cpu_model": caps.cpu_model, "isa": isa_level(caps), "torch": torch.__version__,
+    return {"cpu_model": caps.cpu_model, "cpu_id": caps.cpu_id, "isa": isa_level(caps), "torch": torch.__version__,
             "precision": precision, "threads": int(threads or torch.get_num_threads()),
             "memory_retained": bool(memory_retained)}
 
 
 def plan_filename(key: dict) -> str:
-    """A readable, filesystem-safe name, e.g. plan-amd-epyc-avx512_bf16-torch2.14.1-bf16-2t.json."""
-    cpu = re.sub(r"[^a-z0-9]+", "-", key["cpu_model"].lower()).strip("-")[:60] or "cpu"
+    """A readable, filesystem-safe name, e.g. plan-amd-epyc-family-25-model-17-avx512_bf16-torch2.14.1-bf16-2t.json."""
+    cpu = re.sub(r"[^a-z0-9]+", "-", f"{key['cpu_model']} {key.get('cpu_id', '')}".lower()).strip("-")[:80] or "cpu"
     torch_version = re.sub(r"[^A-Za-z0-9.]+", "_", key["torch"])
     allocator = "" if key.get("memory_retained", True) else "-malloc-default"
     return f"plan-{cpu}-{key['isa']}-torch{torch_version}-{key['precision']}-{key['threads']}t{allocator}.json"
@@ -135,12 +136,12 @@ def read(path: Path) -> dict:
     return plan
 
 
-def find(directories: list[Path], key: dict) -> tuple[dict, Path] | None:
-    """The first readable plan for ``key`` in ``directories`` (in order), with its path."""
+def find(directories: list[Path], key: dict, skip: frozenset[Path] = frozenset()) -> tuple[dict, Path] | None:
+    """The first readable plan for ``key`` in ``directories`` (in order) but those in ``skip``, with its path."""
     name = plan_filename(key)
     for directory in directories:
         path = Path(directory) / name
-        if not path.is_file():
+        if path in skip or not path.is_file():
             continue
         try:
             plan = read(path)
@@ -150,6 +151,31 @@ def find(directories: list[Path], key: dict) -> tuple[dict, Path] | None:
         if plan.get("key") == key:
             return plan, path
     return None
+
+
+# Before its figures are trusted, a plan's first variant is timed here at CHECK_BATCH images and TTA level
+# CHECK_TTA. Equal keys do not make equal machines (clock, cache, a busy host; a VM that names every AMD
+# CPU "AMD EPYC"): a Zen 5 plan on a Zen 4 VM with the same key was 2.4x too fast at this point, and
+# keep=auto's latency budgets would have been judged on it. Run-to-run noise here is far below 1.5x;
+# below a millisecond (tiny networks) it is not, and a difference that small misleads no budget.
+CHECK_BATCH = 8
+CHECK_TTA = 0
+CHECK_RUNS = 9
+SPEED_TOLERANCE = 1.5
+SLACK_MS = 1.0
+
+
+def check_point(entry: dict) -> float:
+    """The plan's median latency (ms) for ``entry``'s variant at CHECK_BATCH images and level CHECK_TTA."""
+    return float(entry["latency_by_tta"][str(CHECK_TTA)][str(CHECK_BATCH)]["p50_ms"])
+
+
+def fits(plan_ms: float, here_ms: float, tolerance: float = SPEED_TOLERANCE, slack_ms: float = SLACK_MS) -> bool:
+    """True when this machine ran the check within ``tolerance``x of the plan's figure, either way, or
+    within ``slack_ms`` of it."""
+    if not (plan_ms > 0 and here_ms > 0):
+        return False
+    return abs(here_ms - plan_ms) <= slack_ms or 1 / tolerance <= here_ms / plan_ms <= tolerance
 
 
 def write(path: Path, plan: dict) -> None:

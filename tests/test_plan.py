@@ -38,6 +38,52 @@ def test_key_names_the_machine_and_filename_is_safe() -> None:
         "-bf16-2t-malloc-default.json")
 
 
+ZEN4_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu avx2 avx512f avx512_bf16
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: something else
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd sve bf16
+CPU implementer\t: 0x41
+CPU part\t: 0xd4f
+"""
+
+
+def test_the_microarchitecture_is_read_from_cpuinfo_and_keys_the_plan() -> None:
+    from dataclasses import replace
+
+    from core.hardware import parse_cpuinfo
+
+    assert parse_cpuinfo(ZEN4_CPUINFO) == ("AMD EPYC", frozenset({"fpu", "avx2", "avx512f", "avx512_bf16"}),
+                                           "family 25 model 17")  # the first processor's entry only
+    _, features, arm_id = parse_cpuinfo(ARM_CPUINFO)
+    assert arm_id == "implementer 0x41 part 0xd4f" and "bf16" in features
+    # A Zen 4 and a Zen 5 VM both say "AMD EPYC": the family and model tell their plans apart.
+    zen4 = Capabilities(*parse_cpuinfo(ZEN4_CPUINFO))
+    zen5 = replace(zen4, cpu_id="family 26 model 2")
+    assert plans.plan_key("bf16", 2, zen4) != plans.plan_key("bf16", 2, zen5)
+    assert plans.plan_filename(plans.plan_key("bf16", 2, zen4)).startswith(
+        "plan-amd-epyc-family-25-model-17-avx512_bf16-torch")
+
+
+def test_a_plan_fits_within_its_tolerance_either_way_or_within_the_slack() -> None:
+    assert plans.fits(10.0, 14.9) and plans.fits(10.0, 6.7)
+    assert not plans.fits(10.0, 15.1) and not plans.fits(10.0, 6.6)
+    assert not plans.fits(3.55, 8.4)  # the Zen 5 plan's dense check point vs a Zen 4 VM's
+    assert plans.fits(0.2, 0.9)  # 4.5x, but 0.7 ms: below a millisecond timings are noise
+    assert not plans.fits(0.0, 1.0) and not plans.fits(1.0, 0.0)
+
+
 def _sparse_net():
     model = tiny_model()
     prune(model, "gate", 0.1)

@@ -31,16 +31,20 @@ def models_dir(tmp_path: Path) -> Path:
     return build_models_dir(tmp_path / "models")
 
 
-def _shipped_plan(models_dir: Path, threads: int, p50_ms: float) -> dict:
-    """A plan in models/plans as prune-bench plan writes it, with figures no machine would measure."""
+def _shipped_plan(models_dir: Path, threads: int, p50_ms: float, check_ms: float | None = None) -> dict:
+    """A plan in models/plans as prune-bench plan writes it, with figures no machine would measure, but
+    at the start-up speed check's point (batch 8, 1 view): there ``check_ms``, else what this machine runs."""
     registry = Registry(models_dir, "fp32", probe_runs=3)
     registry.load_models()
+    if check_ms is None:
+        check_ms = registry.measure(registry.variants[0], runs=5, tta=plans.CHECK_TTA)[plans.CHECK_BATCH]["p50_ms"]
     key = plans.plan_key("fp32", threads)
     plan = plans.new_plan(key, "test", 1, 0)
     for variant in registry.variants:
-        variant.latency = {b: {"p50_ms": p50_ms, "p95_ms": p50_ms * 2, "images_per_s": b / p50_ms * 1e3}
-                           for b in (1, 8, 64)}
-        variant.latency_by_tta = {level: variant.latency for level in (0, 1, 2)}
+        variant.latency_by_tta = {level: {b: {"p50_ms": p50_ms, "p95_ms": p50_ms * 2, "images_per_s": b / p50_ms * 1e3}
+                                          for b in (1, 8, 64)} for level in (0, 1, 2)}
+        variant.latency_by_tta[plans.CHECK_TTA][plans.CHECK_BATCH]["p50_ms"] = check_ms
+        variant.latency = variant.latency_by_tta[0]
         plan["variants"][variant.name] = registry.plan_entry(variant)
     plans.write(models_dir / "plans" / plans.plan_filename(key), plan)
     return plan
@@ -56,12 +60,54 @@ def test_a_matching_plan_is_used_and_a_changed_variant_is_measured(models_dir: P
     rows = {row["name"]: row for row in table["variants"]}
     assert table["execution"]["status"] == "done" and table["execution"]["key"] == plan["key"]
     for name in ("dense", "gate-keep0.50", "channel-keep0.50"):
-        assert rows[name]["latency"]["batch_8"]["p50_ms"] == 123.5
-    assert rows["gate-keep0.10"]["latency"]["batch_8"]["p50_ms"] != 123.5  # measured here instead
+        assert rows[name]["latency"]["batch_64"]["p50_ms"] == 123.5
+    assert rows["gate-keep0.10"]["latency"]["batch_64"]["p50_ms"] != 123.5  # measured here instead
     # What was measured is stored with the rest in the cache, and every row names that plan.
     cached = plans.read(tmp_path / "cache" / plans.plan_filename(plan["key"]))
     assert set(cached["variants"]) == set(rows)
     assert all(row["latency_source"].startswith("plan: ") for row in rows.values())
+    [check] = table["execution"]["plan_checks"]
+    assert check["fits"] and check["variant"] == "dense" and check["plan"].endswith(plans.plan_filename(plan["key"]))
+
+
+def test_a_plan_whose_figures_do_not_hold_here_is_measured_again_once(models_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same key, but the check point ran 100x slower where the plan was made (another machine, same name).
+    shipped = _shipped_plan(models_dir, threads=1, p50_ms=123.5, check_ms=123.5)
+    cache = tmp_path / "cache"
+    with make_client(models_dir, torch_threads=1, plan_dir=cache) as c:
+        wait_ready(c)
+        table = c.get("/variants").json()
+    [check] = table["execution"]["plan_checks"]
+    assert not check["fits"] and check["plan_p50_ms"] == 123.5 and check["here_p50_ms"] < 123.5 - plans.SLACK_MS
+    assert table["execution"]["plan"] == str(cache / plans.plan_filename(shipped["key"]))  # measured, stored
+    assert all(row["latency"]["batch_64"]["p50_ms"] != 123.5 for row in table["variants"])
+    # The next start checks the shipped plan again (it may have been replaced), then uses the one measured
+    # here without calibrating.
+    from app import registry as registry_module
+
+    def no_calibration(*_args, **_kwargs):
+        raise AssertionError("calibrated although the plan measured here matched")
+
+    monkeypatch.setattr(registry_module, "calibrate", no_calibration)
+    with make_client(models_dir, torch_threads=1, plan_dir=cache) as c:
+        wait_ready(c)
+        again = c.get("/variants").json()
+    assert [c["fits"] for c in again["execution"]["plan_checks"]] == [False, True]
+    assert again["execution"]["plan"] == table["execution"]["plan"]
+
+
+def test_prune_serve_check_says_when_a_plan_does_not_fit(models_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from app.cli import main
+
+    _shipped_plan(models_dir, threads=1, p50_ms=123.5, check_ms=123.5)
+    for name, value in (("TORCH_THREADS", "1"), ("PRECISION", "fp32"), ("PLAN_DIR", str(tmp_path / "cache"))):
+        monkeypatch.setenv(name, value)
+    assert main(["--check", "--models-dir", str(models_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit this machine" in out and "measurement now" in out
 
 
 def test_ready_at_once_then_each_variant_switches_in_the_background(models_dir: Path, tmp_path: Path,

@@ -32,7 +32,7 @@ async def variants(service: Service = Depends(get_ready_service)) -> dict:
             "resident_memory_bytes": resident_memory_bytes(),
             "execution": {"status": service.execution, "plan": service.plan_source, "key": service.plan_key,
                           "threads": torch.get_num_threads(), "memory_retained": service.plan_key["memory_retained"],
-                          "auto_speed_basis": basis},
+                          "auto_speed_basis": basis, "plan_checks": registry.plan_checks},
             "variants": [_row(v, registry.tta, pareto) for v in registry.variants]}
 
 
