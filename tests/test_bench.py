@@ -108,10 +108,20 @@ def _http_run(models_dir: Path, rows: list[tuple[str, int, float]]) -> dict:
 def test_readme_table_is_written_from_the_manifest_and_checked(models_dir: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("onnxruntime")
-    from bench.readme import BEGIN, END, SERVED_BEGIN, SERVED_END, SUMMARY_BEGIN, SUMMARY_END
+    from bench.readme import (
+        BEGIN,
+        END,
+        HEADLINE_BEGIN,
+        HEADLINE_END,
+        SERVED_BEGIN,
+        SERVED_END,
+        SUMMARY_BEGIN,
+        SUMMARY_END,
+    )
 
     readme, docs = tmp_path / "README.md", tmp_path / "training.md"
-    readme.write_text(f"# title\n\nprose\n\n{BEGIN}\nstale\n{END}\n\nmore prose\n")
+    readme.write_text(f"# title\n\nprose\n\n{BEGIN}\nstale\n{END}\n\n{HEADLINE_BEGIN}\n- stale\n{HEADLINE_END}\n"
+                      "\nmore prose\n")
     docs.write_text(f"## results\n{SUMMARY_BEGIN}\n{SUMMARY_END}\n## served\n{SERVED_BEGIN}\n{SERVED_END}\n")
     http, served = tmp_path / "http.json", tmp_path / "served.json"
     # dense at the served level (0 in this manifest) is what × dense divides by; rows at other levels are ignored
@@ -132,6 +142,10 @@ def test_readme_table_is_written_from_the_manifest_and_checked(models_dir: Path,
     text = readme.read_text()
     assert text.startswith("# title\n\nprose\n\n") and text.endswith("\n\nmore prose\n") and "stale" not in text
     manifest = json.loads((models_dir / "manifest.json").read_text())
+    dense = next(v for v in manifest["variants"] if v["name"] == "dense")
+    assert f"- **Dense {dense['test_acc_mean']:.2f} %**" in text  # the headline bullets, from the same sources
+    assert "every one of the 2 variants agrees with the manifest's figure for the same checkpoint within " \
+           "**0.350 points** (`prune-bench serve` on Test CPU (avx2), bf16;" in text
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     for v in manifest["variants"]:
         row = rows[v["name"]]
