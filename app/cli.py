@@ -53,9 +53,10 @@ def check(settings: Settings) -> int:
         return 1
     found = registry.fitting_plan(settings.plan_directories(), key)
     for checked in registry.plan_checks:
-        if not checked["fits"]:
-            print(f"plan {checked['plan']} does not fit this machine ({checked['variant']}: "
-                  f"{checked['here_p50_ms']} ms here, {checked['plan_p50_ms']} ms in the plan): measuring instead")
+        verdict = "fits this machine" if checked["fits"] else "does not fit this machine"
+        print(f"plan {checked['plan']} {verdict} ({checked['variant']}: {checked['here_p50_ms']} ms here, "
+              f"{checked['plan_p50_ms']} ms in the plan at 8 images, 1 view)"
+              + ("" if checked["fits"] else ": measuring instead"))
     plan, source = (found[0], str(found[1])) if found else (None, "")
     registry.optimise_all(plan, source)
     for v in registry.variants:

@@ -90,6 +90,12 @@ class DirectSparseConv:
 
 
 def set_threads(threads: int) -> None:
-    """Use as many kernel threads as torch uses intra-op threads (both share the same cores)."""
+    """Use as many kernel threads as torch uses intra-op threads (both share the same cores), and leave
+    torch's own count as it was: the first call launches numba's OpenMP threading layer, which sets the
+    process-wide OpenMP thread count to every core, and torch reads that count. A service worker told
+    to use 1 thread (TORCH_THREADS=1, or --workers 2 on 2 cores) ran on 2 after its first calibration,
+    and `prune-bench plan --threads 1` measured with 2 (its plan matched the 2-thread one)."""
     if AVAILABLE:
+        torch_threads = torch.get_num_threads()
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        torch.set_num_threads(torch_threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from engine.compact import (
     max_pool_2x2,
 )
 from tests.conftest import tiny_model
+from tests.live import ROOT
 from training.prune import (
     channel_counts,
     channel_importance,
@@ -169,6 +171,26 @@ def test_direct_kernel_equals_conv2d_for_any_layout_and_dtype() -> None:
         assert torch.allclose(kernel(batch_innermost), expected, atol=1e-5)
         assert kernel(x.bfloat16()).dtype == torch.bfloat16
     assert kernel.values.size == int(torch.count_nonzero(weight))
+
+
+def test_the_sparse_kernels_leave_torchs_thread_count_alone() -> None:
+    # numba's OpenMP layer, launched by the first set_threads, sets the process-wide OpenMP count to every
+    # core (NUMBA_NUM_THREADS): a worker told to use 1 thread ran on 2. Once per process, so in a fresh one.
+    pytest.importorskip("numba")
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from engine.compact import calibrate, compact\n"
+            "from tests.conftest import tiny_model\n"
+            "from training.prune import prune\n"
+            "model = tiny_model(); prune(model, 'gate', 0.1); net = compact(model)\n"
+            "calibrate(net, onnx=False)\n"
+            "print(torch.get_num_threads())\n")
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1"
 
 
 def test_mixed_paths_per_layer_equal_the_masked_model() -> None:
