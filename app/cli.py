@@ -54,7 +54,7 @@ def check(settings: Settings) -> int:
     found = registry.fitting_plan(settings.plan_directories(), key)
     for checked in registry.plan_checks:
         verdict = "fits this machine" if checked["fits"] else "does not fit this machine"
-        print(f"plan {checked['plan']} {verdict} ({checked['variant']}: {checked['here_p50_ms']} ms here, "
+        print(f"plan {checked['plan']} {verdict} ({checked['variant']}: {checked['here_ms']} ms here, "
               f"{checked['plan_p50_ms']} ms in the plan at 8 images, 1 view)"
               + ("" if checked["fits"] else ": measuring instead"))
     plan, source = (found[0], str(found[1])) if found else (None, "")

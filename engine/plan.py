@@ -153,11 +153,12 @@ def find(directories: list[Path], key: dict, skip: frozenset[Path] = frozenset()
     return None
 
 
-# Before its figures are trusted, a plan's first variant is timed here at CHECK_BATCH images and TTA level
-# CHECK_TTA. Equal keys do not make equal machines (clock, cache, a busy host; a VM that names every AMD
-# CPU "AMD EPYC"): a Zen 5 plan on a Zen 4 VM with the same key was 2.4x too fast at this point, and
-# keep=auto's latency budgets would have been judged on it. Run-to-run noise here is far below 1.5x;
-# below a millisecond (tiny networks) it is not, and a difference that small misleads no budget.
+# Before its figures are trusted, a plan's first variant is timed here at CHECK_BATCH images and TTA
+# level CHECK_TTA: the fastest of CHECK_RUNS passes against the plan's median. Equal keys do not make
+# equal machines (clock, cache, a busy host; a VM that names every AMD CPU "AMD EPYC"): a Zen 5 plan on a
+# Zen 4 VM with the same key was 2.1x too fast at this point, and keep=auto's latency budgets would have
+# been judged on it. Run-to-run noise here is far below 1.5x; below a millisecond (tiny networks) it is
+# not, and a difference that small misleads no budget.
 CHECK_BATCH = 8
 CHECK_TTA = 0
 CHECK_RUNS = 9
