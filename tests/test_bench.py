@@ -9,6 +9,16 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main as prune_bench
+from bench.readme import (
+    BEGIN,
+    END,
+    HEADLINE_BEGIN,
+    HEADLINE_END,
+    SERVED_BEGIN,
+    SERVED_END,
+    SUMMARY_BEGIN,
+    SUMMARY_END,
+)
 from tests.conftest import build_models_dir
 
 
@@ -108,16 +118,6 @@ def _http_run(models_dir: Path, rows: list[tuple[str, int, float]]) -> dict:
 def test_readme_table_is_written_from_the_manifest_and_checked(models_dir: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("onnxruntime")
-    from bench.readme import (
-        BEGIN,
-        END,
-        HEADLINE_BEGIN,
-        HEADLINE_END,
-        SERVED_BEGIN,
-        SERVED_END,
-        SUMMARY_BEGIN,
-        SUMMARY_END,
-    )
 
     readme, docs = tmp_path / "README.md", tmp_path / "training.md"
     readme.write_text(f"# title\n\nprose\n\n{BEGIN}\nstale\n{END}\n\n{HEADLINE_BEGIN}\n- stale\n{HEADLINE_END}\n"
@@ -172,16 +172,6 @@ def test_readme_table_is_written_from_the_manifest_and_checked(models_dir: Path,
 
 def test_serve_bench_measures_served_accuracy_and_saves_it(models_dir: Path, image_folder: Path,
                                                           tmp_path: Path) -> None:
-    from bench.readme import (
-        BEGIN,
-        END,
-        HEADLINE_BEGIN,
-        HEADLINE_END,
-        SERVED_BEGIN,
-        SERVED_END,
-        SUMMARY_BEGIN,
-        SUMMARY_END,
-    )
     from tests.live import free_port
 
     manifest = json.loads((models_dir / "manifest.json").read_text())
