@@ -106,7 +106,9 @@ def test_start_up_objects_are_frozen_out_of_the_garbage_collectors_view(models_d
         frozen = gc.get_freeze_count()
         assert frozen > 50_000  # torch and the app alone are hundreds of thousands of objects
         gc.collect()
-        assert gc.get_freeze_count() == frozen  # a collection walks the rest only
+        # A collection walks the rest only and leaves them frozen. Reference counting still frees frozen
+        # objects that die: a /ready request in flight during the freeze went 18 objects later (CI).
+        assert frozen - 1_000 < gc.get_freeze_count() <= frozen
         assert c.post("/predict", files={"files": ("a.jpg", jpeg_bytes((1, 2, 3)))}).status_code == 200
 
 
