@@ -43,6 +43,9 @@ def port_problem(host: str, port: int) -> str | None:
 def check(settings: Settings) -> int:
     """Verify and load every variant (with the matching execution plan, if any), print the table."""
     from app.service import configure_process
+    from core.model import TTA_VIEWS
+    from engine import plan as plans
+
     key = configure_process(settings, settings.inference_precision())  # threads and allocator as the service's
     logging.getLogger("app.registry").setLevel(logging.CRITICAL)  # its problems are printed below, once
     registry = Registry(settings.models_dir, settings.inference_precision(), probe_runs=3,
@@ -55,7 +58,8 @@ def check(settings: Settings) -> int:
     for checked in registry.plan_checks:
         verdict = "fits this machine" if checked["fits"] else "does not fit this machine"
         print(f"plan {checked['plan']} {verdict} ({checked['variant']}: {checked['here_ms']} ms here, "
-              f"{checked['plan_p50_ms']} ms in the plan at 8 images, 1 view)"
+              f"{checked['plan_p50_ms']} ms in the plan at {plans.CHECK_BATCH} images, "
+              f"{TTA_VIEWS[plans.CHECK_TTA]} view(s))"
               + ("" if checked["fits"] else ": measuring instead"))
     plan, source = (found[0], str(found[1])) if found else (None, "")
     registry.optimise_all(plan, source)

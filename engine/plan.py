@@ -6,7 +6,7 @@ once, for one machine: per variant (identified by its checkpoint's sha256), each
 the network backend per batch bucket, and the latency figures (median of several rounds). It is
 only valid on the machine kind that measured it, so it is keyed by CPU model, microarchitecture (CPUID
 family and model) and instruction set, torch version, inference precision and thread count, and the
-service times one variant before it trusts a plan's figures (``speed_ratio``).
+service times one variant before it trusts a plan's figures (``fits``).
 
 Plans are made by ``prune-bench plan`` (stored in ``models/plans/``) or, when none matches, by the
 service itself in the background (stored in a cache directory, so the next start and the other
