@@ -20,6 +20,8 @@ are not touched.
         --keep 0.05 --steps 600 --criteria lamp       # layer-adaptive (LAMP) instead of global |W·sigmoid(S)|
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.05 --steps 600 --teacher-tta 0 1     # distil from the teacher's mirror-averaged logits
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.05 --steps 600 --chain-from 0.1      # prune to 0.1 first, then from that network to 0.05
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from training.data import channel_stats, load_dataset, normalize, split_validati
 from training.prune import (
     CHANNEL_ALLOCATIONS,
     CHANNEL_RANKINGS,
+    bake_masks,
     channel_allocation,
     channel_counts,
     channel_masks,
@@ -88,6 +91,9 @@ def main() -> None:
     p.add_argument("--channel-ramps", type=float, nargs="+", default=[0.0],
                    help="channel variants: share of the steps over which the width falls (cubic) from all "
                         "channels to keep (0 = one-shot, then fine-tune)")
+    p.add_argument("--chain-from", type=float,
+                   help="weight variants: first prune and fine-tune to this keep (reported too), then prune that "
+                        "network on to --keep with the same settings, the schedule falling from this keep")
     p.add_argument("--ranking-images", type=int, default=2000, help="labelled training images for taylor")
     p.add_argument("--baseline", help="a shipped checkpoint of the same seed to report alongside "
                                       "(e.g. models/variants/channel-keep0.625-ft.safetensors: 300 steps)")
@@ -140,12 +146,25 @@ def main() -> None:
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
                            teacher=distiller, masks=masks, channel_scores=scores[ranking], channel_ramp=ramp)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
+            start = 1.0
+            if args.chain_from is not None:
+                prune_finetune(model, train_x, train_y, args.chain_from, cfg, replace(pcfg, criterion=ranking), 0,
+                               teacher=distiller, floor=0.002)
+                recalibrate_bn(model, calib, precision=precision)
+                val = accuracy(model, val_x, val_y, precision=precision)
+                print(f"  first stage, keep {args.chain_from:g}: validation {val:.2f} % (drop {dense_val - val:.2f})"
+                      f" in {time.perf_counter() - began:.0f} s", flush=True)
+                model.train()
+                bake_masks(model)
+                start = args.chain_from
             masks = prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, criterion=ranking), 0,
-                                   teacher=distiller, floor=0.002)
+                                   teacher=distiller, floor=0.002, start_keep=start)
             final_masks[(ranking, steps, distill, gate_lr, share, ema, tta)] = flat_mask(masks)
         recalibrate_bn(model, calib, precision=precision)
         val = accuracy(model, val_x, val_y, precision=precision)
         gates = f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}" if args.granularity == "weight" else ""
+        if args.granularity == "weight" and args.chain_from is not None:
+            gates += f", chained from keep {args.chain_from:g}"
         shape = f", {allocation} widths, ramp {ramp:g}" if args.granularity == "channel" else ""
         print(f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
               f"distill {distill:g}"

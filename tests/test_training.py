@@ -107,6 +107,8 @@ def test_schedules() -> None:
     assert _kept_share(0, 100, 0.1, 1.0) == pytest.approx(1.0)
     assert _kept_share(100, 100, 0.1, 1.0) == pytest.approx(0.1)
     assert 0.1 < _kept_share(50, 100, 0.1, 1.0) < 0.25  # cubic: most of the pruning happens early
+    assert _kept_share(0, 100, 0.05, 1.0, start=0.1) == pytest.approx(0.1)  # chained: from the start keep
+    assert _kept_share(100, 100, 0.05, 1.0, start=0.1) == pytest.approx(0.05)
 
 
 def test_phase1_with_frozen_gates_leaves_scores_and_trains_weights() -> None:
@@ -140,6 +142,28 @@ def test_phase2_ends_at_exactly_k_weights_and_distills(pcfg: PruneConfig) -> Non
         assert not layer.effective_weight()[~masks[name]].any()  # pruned weights are exactly zero
     learned = any(not torch.equal(layer.score, scores[n]) for n, layer in model.gated_layers())
     assert learned == (pcfg.gradual and pcfg.gate_lr > 0)
+
+
+def test_phase2_chained_prunes_only_among_the_survivors_of_the_first_stage() -> None:
+    """bake_masks turns a pruned model into one that can be pruned further: the second stage's schedule
+    starts at the first keep, ends at exactly the second keep's count, and never revives a weight."""
+    from training.prune import bake_masks
+
+    torch.manual_seed(0)
+    model, teacher = tiny_model(), tiny_model()
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    cfg, pcfg = TrainConfig(batch_size=8), PruneConfig(steps=6, gate_lr=0.05)
+    first = prune_finetune(model, images, labels, 0.4, cfg, pcfg, seed=0, teacher=teacher)
+    model.train()
+    bake_masks(model)
+    for name, layer in model.gated_layers():
+        assert layer.mask is None and not layer.weight[~first[name]].any()
+    second = prune_finetune(model, images, labels, 0.2, cfg, pcfg, seed=0, teacher=teacher, start_keep=0.4)
+    total = sum(m.numel() for m in second.values())
+    assert sum(int(m.sum()) for m in second.values()) == round(0.2 * total)
+    for name, layer in model.gated_layers():
+        assert not (second[name] & ~first[name]).any()  # survivors of the second are survivors of the first
+        assert not layer.effective_weight()[~second[name]].any()
 
 
 def test_phase2_lookahead_averages_the_fine_tuned_weights() -> None:

@@ -157,6 +157,16 @@ def prune(model: GatedNet, criterion: str, keep: float, scope: str = "global", f
     return masks
 
 
+@torch.no_grad()
+def bake_masks(model: GatedNet) -> None:
+    """Zero the pruned weights and remove the masks: a pruned model that can be pruned further, since a
+    zero weight ranks last by every magnitude criterion and, with its gate's gradient zero, stays off."""
+    for _, layer in model.gated_layers():
+        if layer.mask is not None:
+            layer.weight.mul_(layer.mask.to(layer.weight.dtype))
+            layer.mask = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Channel granularity (structured)
 # ---------------------------------------------------------------------------------------------

@@ -471,11 +471,11 @@ class Teacher:
 CHANNEL_RAMP_EVERY = 10  # steps between width updates while channel variants narrow gradually
 
 
-def _kept_share(step: int, total: int, keep: float, share: float) -> float:
-    """Zhu & Gupta's cubic schedule: from 1 down to ``keep`` over the first ``share`` of the steps."""
+def _kept_share(step: int, total: int, keep: float, share: float, start: float = 1.0) -> float:
+    """Zhu & Gupta's cubic schedule: from ``start`` down to ``keep`` over the first ``share`` of the steps."""
     span = max(1, int(share * total))
     frac = min(1.0, step / span)
-    return keep + (1 - keep) * (1 - frac) ** 3
+    return keep + (start - keep) * (1 - frac) ** 3
 
 
 def prune_finetune(
@@ -492,6 +492,7 @@ def prune_finetune(
     floor: float = 0.0,
     channel_scores: dict[str, Tensor] | None = None,
     channel_ramp: float = 0.0,
+    start_keep: float = 1.0,
 ) -> dict[str, Tensor]:
     """Prune ``model`` to ``keep`` and fine-tune it (phase 2); returns the final masks, installed.
 
@@ -501,7 +502,9 @@ def prune_finetune(
     those scores at every step, so the removed ones are always the final mask's), then ``masks`` hold.
     Else gradual (``pcfg.gradual``): the kept share falls on a cubic schedule with straight-through
     top-K masks by |W·sigmoid(S)|, scores learning at ``pcfg.gate_lr``; after ``prune_share`` of the
-    steps the exact top-K is fixed. One-shot: the exact top-K from step 0.
+    steps the exact top-K is fixed. One-shot: the exact top-K from step 0. ``start_keep`` < 1: the
+    model is already pruned to that share (its pruned weights zero, no masks installed; see
+    ``bake_masks``) and the gradual schedule falls from there instead of from 1.
 
     ``teacher``: the dense network to distil from; pass one ``Teacher`` to every run of a sweep to
     compute its logits once (a plain module gets a Teacher of its own).
@@ -549,7 +552,7 @@ def prune_finetune(
         elif ramp_until and step == ramp_until:
             model.set_masks(masks)
         if step < fixed_from:
-            share = _kept_share(step, fixed_from, keep, 1.0)
+            share = _kept_share(step, fixed_from, keep, 1.0, start_keep)
             rank = "lamp" if pcfg.criterion == "lamp" else "effective"
             model.set_train_masks(sampled_train_masks(model, share, rank) if share < 1.0 else None)
         # Short warm-up, then linear decay to zero: converge on the final mask.
