@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import time
 from dataclasses import replace
@@ -133,6 +134,11 @@ def main() -> None:
     final_masks = {}
     shares = args.prune_shares if args.granularity == "weight" else [PruneConfig().prune_share]
     ramps = args.channel_ramps if args.granularity == "channel" else [0.0]
+    def validation(model: torch.nn.Module) -> float:
+        """Validation accuracy after re-estimating BN on the calibration images, as prune-train does."""
+        recalibrate_bn(model, calib, precision=precision)
+        return accuracy(model, val_x, val_y, precision=precision)
+
     distiller = Teacher(teacher)  # every run draws the same batches: the teacher's logits are computed once
     for allocation, ranking, steps, distill, gate_lr, share, ema, tta, ramp in itertools.product(
             allocations, rankings, args.steps, args.distill, gate_lrs, shares, args.lookahead, args.teacher_tta,
@@ -146,25 +152,23 @@ def main() -> None:
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
                            teacher=distiller, masks=masks, channel_scores=scores[ranking], channel_ramp=ramp)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
+            prune_weights = functools.partial(prune_finetune, model, train_x, train_y, cfg=cfg,
+                                              pcfg=replace(pcfg, criterion=ranking), seed=0, teacher=distiller,
+                                              floor=0.002)
             start = 1.0
             if args.chain_from is not None:
-                prune_finetune(model, train_x, train_y, args.chain_from, cfg, replace(pcfg, criterion=ranking), 0,
-                               teacher=distiller, floor=0.002)
-                recalibrate_bn(model, calib, precision=precision)
-                val = accuracy(model, val_x, val_y, precision=precision)
+                prune_weights(args.chain_from)
+                val = validation(model)
                 print(f"  first stage, keep {args.chain_from:g}: validation {val:.2f} % (drop {dense_val - val:.2f})"
                       f" in {time.perf_counter() - began:.0f} s", flush=True)
-                model.train()
                 bake_masks(model)
                 start = args.chain_from
-            masks = prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, criterion=ranking), 0,
-                                   teacher=distiller, floor=0.002, start_keep=start)
+            masks = prune_weights(args.keep, start_keep=start)
             final_masks[(ranking, steps, distill, gate_lr, share, ema, tta)] = flat_mask(masks)
-        recalibrate_bn(model, calib, precision=precision)
-        val = accuracy(model, val_x, val_y, precision=precision)
-        gates = f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}" if args.granularity == "weight" else ""
-        if args.granularity == "weight" and args.chain_from is not None:
-            gates += f", chained from keep {args.chain_from:g}"
+        val = validation(model)
+        gates = "" if args.granularity != "weight" else (
+            f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}"
+            + ("" if args.chain_from is None else f", chained from keep {args.chain_from:g}"))
         shape = f", {allocation} widths, ramp {ramp:g}" if args.granularity == "channel" else ""
         print(f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
               f"distill {distill:g}"

@@ -154,7 +154,6 @@ def test_phase2_chained_prunes_only_among_the_survivors_of_the_first_stage() -> 
     images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
     cfg, pcfg = TrainConfig(batch_size=8), PruneConfig(steps=6, gate_lr=0.05)
     first = prune_finetune(model, images, labels, 0.4, cfg, pcfg, seed=0, teacher=teacher)
-    model.train()
     bake_masks(model)
     for name, layer in model.gated_layers():
         assert layer.mask is None and not layer.weight[~first[name]].any()
