@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 
 from bench.http import sample_jpeg
+from bench.serve import free_port
 from bench.speed import machine
-from bench.startup import free_port
 
 HAPROXY_CFG = """
 global

@@ -30,7 +30,7 @@ import httpx
 from PIL import Image
 
 from app.registry import percentile
-from bench.serve import start_server, wait_ready
+from bench.serve import free_port, start_server, wait_ready
 
 
 def synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
@@ -157,7 +157,7 @@ async def main_async(args: argparse.Namespace) -> int:
                       f"{growth * 100:+.1f}% over the soak (goal < 10%)")
                 ok = ok and growth < 0.10
             if args.overload_seconds > 0:
-                port = args.port + 1
+                port = free_port()
                 processes.append(start_server(args.models_dir, port, queue_size=args.overload_queue_size,
                                               max_images=min(8, args.overload_queue_size), latency_probe_runs=3))
                 over_url = f"http://127.0.0.1:{port}"
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default="models")
     p.add_argument("--url", help="target a running loopback server instead of starting one")
-    p.add_argument("--port", type=int, default=8790, help="port of the started server (overload uses port+1)")
+    p.add_argument("--port", type=int, default=8790, help="port of the started server (overload starts another "
+                                                                "on a free port)")
     p.add_argument("--requests", type=int, default=10_000)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=8, help="images per request are drawn from 1..this")

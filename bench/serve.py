@@ -8,7 +8,7 @@
 
     prune-bench serve --data ../shared/data/cifar10-jpeg.tar.gz --models-dir models
 
-It starts its own servers with `prune-serve` on 127.0.0.1 (ports --port and --port+1).
+It starts its own servers with `prune-serve` on 127.0.0.1 (on --port, and the unbatched one on a free port).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,13 @@ def load_test_jpegs(path: Path, classes: list[str]) -> list[tuple[bytes, int]]:
                 items.append((str(file), file.read_bytes(), label))
     items.sort()
     return [(data, label) for _, data, label in items]
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it), for a server this process starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_server(models_dir: str, port: int, **env: object) -> subprocess.Popen:
@@ -169,8 +177,9 @@ async def main_async(args: argparse.Namespace) -> int:
         server.terminate()
         server.wait(30)
 
-    unbatched_url = f"http://127.0.0.1:{args.port + 1}"
-    server = start_server(args.models_dir, args.port + 1, max_batch=1, latency_probe_runs=5)
+    unbatched_port = free_port()  # not --port+1: an ephemeral client socket may hold that one
+    unbatched_url = f"http://127.0.0.1:{unbatched_port}"
+    server = start_server(args.models_dir, unbatched_port, max_batch=1, latency_probe_runs=5)
     try:
         await wait_ready(unbatched_url, process=server)
         unbatched = await throughput(unbatched_url, args.throughput_keep, images, args.clients, args.seconds)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.serve import free_port
 from bench.speed import machine
 
 
@@ -55,12 +56,6 @@ def time_to(url: str, process: subprocess.Popen, began: float, timeout: float) -
                 pass
             time.sleep(0.05)
     raise TimeoutError(f"not planned after {timeout:.0f} s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(process: subprocess.Popen) -> None:
