@@ -1,7 +1,9 @@
 """`prune-bench failover`: the replica story on one machine. Two `prune-serve` replicas behind HAProxy
 (health checks on /ready, retries of failed idempotent requests on the other replica); a bounded load
 runs while replica A is stopped (SIGTERM) and later started again. Prints how many requests failed
-(the goal is none), what each replica served in each phase, and when A rejoined.
+(the goal is none), what each replica served in each phase, and when A rejoined. The load runs for
+--seconds and, past that, until A has served through the balancer again (at most --rejoin-timeout after
+A is ready), so a slow start-up on a loaded machine is reported as slow rather than as a lost replica.
 
     prune-bench failover --models-dir models            # needs haproxy (Debian: apt-get install haproxy)
 
@@ -99,10 +101,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
         image = sample_jpeg(3)
         results: list[tuple[float, str]] = []  # (seconds since start, outcome)
         began = time.monotonic()
-        stop_at = began + args.seconds
+        finished = asyncio.Event()
 
         async def client_loop(client: httpx.AsyncClient) -> None:
-            while time.monotonic() < stop_at:
+            while not finished.is_set():
                 try:
                     r = await client.post(f"http://127.0.0.1:{front}/predict?keep=1",
                                           files={"files": ("x.jpg", image, "image/jpeg")})
@@ -126,15 +128,23 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
             replicas["a"] = launch(args.models_dir, ports["a"], tmp / "a.log")
             await wait_ready(ports["a"])
             events["A ready"] = time.monotonic() - began
-            while time.monotonic() < stop_at:  # rejoined = the balancer sends it requests again
-                count = served(ports["a"])
-                if count:
+            give_up = time.monotonic() + args.rejoin_timeout
+            while time.monotonic() < give_up:  # rejoined = the balancer sends it requests again
+                if await asyncio.to_thread(served, ports["a"]):
                     events["A served again through the balancer"] = time.monotonic() - began
                     break
                 await asyncio.sleep(0.1)
+            await asyncio.sleep(max(0.0, began + args.seconds - time.monotonic()))
+
+        async def conduct() -> None:
+            try:
+                await choreography()
+            finally:
+                finished.set()  # the clients stop with the choreography, also when it fails
 
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=args.clients)) as client:
-            await asyncio.gather(choreography(), *(client_loop(client) for _ in range(args.clients)))
+            await asyncio.gather(conduct(), *(client_loop(client) for _ in range(args.clients)))
+        elapsed = time.monotonic() - began
         counts["end (A since its restart)"] = {n: served(p) for n, p in ports.items()}
     finally:
         if balancer is not None:
@@ -147,7 +157,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
 
     failed = [(t, o) for t, o in results if o != "200"]
     print(f"{machine()}; command: prune-bench failover " + " ".join(sys.argv[2:]))
-    print(f"load: {args.clients} clients, one image per request, keep=1, {args.seconds:g} s through HAProxy "
+    print(f"load: {args.clients} clients, one image per request, keep=1, {elapsed:.1f} s through HAProxy "
           f"(health check GET /ready every 500 ms, fall 2 / rise 2, retry-on all-retryable-errors, redispatch)")
     for name, at in events.items():
         print(f"  {at:6.2f} s  {name}")
@@ -170,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=25)
     p.add_argument("--stop-after", type=float, default=5, help="seconds of load before replica A is stopped")
     p.add_argument("--restart-after", type=float, default=5, help="seconds A stays down")
+    p.add_argument("--rejoin-timeout", type=float, default=30,
+                   help="seconds after A is ready that the load goes on waiting for the balancer to use A")
     args = p.parse_args(argv)
     if shutil.which("haproxy") is None:
         print("prune-bench failover needs haproxy (Debian: apt-get install haproxy)", file=sys.stderr)
