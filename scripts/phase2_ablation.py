@@ -22,6 +22,8 @@ are not touched.
         --keep 0.05 --steps 600 --teacher-tta 0 1     # distil from the teacher's mirror-averaged logits
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.05 --steps 600 --chain-from 0.1      # prune to 0.1 first, then from that network to 0.05
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.1 --steps 600 --temperatures 4 --smoothing 0.2 0   # distillation temperature, label smoothing
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ def main() -> None:
                    help="TTA level of the teacher's logits (0 = the plain batch)")
     p.add_argument("--distill", type=float, nargs="+", default=[PruneConfig().distill],
                    help="weights of the distillation term to try (0 = labels only, 1 = teacher only)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[PruneConfig().temperature],
+                   help="distillation temperatures to try")
+    p.add_argument("--smoothing", type=float, nargs="+", default=[TrainConfig().label_smoothing],
+                   help="label smoothing of phase 2's hard-label term (phase 1 trains with the default)")
     p.add_argument("--rankings", nargs="+", choices=CHANNEL_RANKINGS, default=["mass"],
                    help="channel ranking: weight mass that reads the channel, or first-order Taylor")
     p.add_argument("--allocations", nargs="+", choices=CHANNEL_ALLOCATIONS, default=["uniform"],
@@ -140,13 +146,14 @@ def main() -> None:
         return accuracy(model, val_x, val_y, precision=precision)
 
     distiller = Teacher(teacher)  # every run draws the same batches: the teacher's logits are computed once
-    for allocation, ranking, steps, distill, gate_lr, share, ema, tta, ramp in itertools.product(
-            allocations, rankings, args.steps, args.distill, gate_lrs, shares, args.lookahead, args.teacher_tta,
-            ramps):
+    for allocation, ranking, steps, distill, gate_lr, share, ema, tta, ramp, temperature, smoothing in (
+            itertools.product(allocations, rankings, args.steps, args.distill, gate_lrs, shares, args.lookahead,
+                              args.teacher_tta, ramps, args.temperatures, args.smoothing)):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
-                       lookahead=bool(ema), teacher_tta=tta)
+                       lookahead=bool(ema), teacher_tta=tta, temperature=temperature)
+        cfg = replace(cfg, label_smoothing=smoothing)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
             prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
@@ -171,7 +178,7 @@ def main() -> None:
             + ("" if args.chain_from is None else f", chained from keep {args.chain_from:g}"))
         shape = f", {allocation} widths, ramp {ramp:g}" if args.granularity == "channel" else ""
         print(f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
-              f"distill {distill:g}"
+              f"distill {distill:g} at temperature {temperature:g}, label smoothing {smoothing:g}"
               f" (teacher TTA {tta})"
               f"{gates}: validation {val:.2f} % (drop {dense_val - val:.2f}) in {time.perf_counter() - began:.0f} s",
               flush=True)
