@@ -140,6 +140,7 @@ def main() -> None:
     final_masks = {}
     shares = args.prune_shares if args.granularity == "weight" else [PruneConfig().prune_share]
     ramps = args.channel_ramps if args.granularity == "channel" else [0.0]
+
     def validation(model: torch.nn.Module) -> float:
         """Validation accuracy after re-estimating BN on the calibration images, as prune-train does."""
         recalibrate_bn(model, calib, precision=precision)
@@ -153,13 +154,13 @@ def main() -> None:
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
                        lookahead=bool(ema), teacher_tta=tta, temperature=temperature)
-        cfg = replace(cfg, label_smoothing=smoothing)
+        run_cfg = replace(cfg, label_smoothing=smoothing)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
-            prune_finetune(model, train_x, train_y, args.keep, cfg, replace(pcfg, gradual=False), 0,
+            prune_finetune(model, train_x, train_y, args.keep, run_cfg, replace(pcfg, gradual=False), 0,
                            teacher=distiller, masks=masks, channel_scores=scores[ranking], channel_ramp=ramp)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
-            prune_weights = functools.partial(prune_finetune, model, train_x, train_y, cfg=cfg,
+            prune_weights = functools.partial(prune_finetune, model, train_x, train_y, cfg=run_cfg,
                                               pcfg=replace(pcfg, criterion=ranking), seed=0, teacher=distiller,
                                               floor=0.002)
             start = 1.0
@@ -171,7 +172,7 @@ def main() -> None:
                 bake_masks(model)
                 start = args.chain_from
             masks = prune_weights(args.keep, start_keep=start)
-            final_masks[(ranking, steps, distill, gate_lr, share, ema, tta)] = flat_mask(masks)
+            final_masks[(ranking, steps, distill, gate_lr, share, ema, tta, temperature, smoothing)] = flat_mask(masks)
         val = validation(model)
         gates = "" if args.granularity != "weight" else (
             f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}"
@@ -187,7 +188,8 @@ def main() -> None:
         runs = list(final_masks.items())
         for i, (setting, mask) in enumerate(runs):
             overlap = (mask & reference).sum().item() / reference.sum().item()
-            print(f"survivors of (criterion, steps, distill, gate lr, share, lookahead, teacher TTA) = {setting}: "
+            print(f"survivors of (criterion, steps, distill, gate lr, share, lookahead, teacher TTA, temperature, "
+                  f"label smoothing) = {setting}: "
                   f"share also in one-shot |W| top-K {overlap:.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:
                 print(f"  ... also in {other}'s: {(mask & other_mask).sum().item() / mask.sum().item():.3f}",
