@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from bench.http import sample_jpeg
-from bench.serve import free_port
+from bench.serve import free_port, wait_ready
 from bench.speed import machine
 
 HAPROXY_CFG = """
@@ -61,10 +61,14 @@ def launch(models_dir: str, port: int, log: Path) -> subprocess.Popen:
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, env=dict(os.environ))
 
 
+def url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
 def served(port: int) -> int | None:
     """Requests this replica answered with 200 (its Prometheus counter); None if it is down."""
     try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        text = httpx.get(f"{url(port)}/metrics", timeout=2).text
     except httpx.HTTPError:
         return None
     total = 0.0
@@ -74,17 +78,8 @@ def served(port: int) -> int | None:
     return int(total)
 
 
-async def wait_ready(port: int, timeout: float = 120) -> float:
-    began = time.monotonic()
-    async with httpx.AsyncClient(timeout=2) as client:
-        while time.monotonic() - began < timeout:
-            try:
-                if (await client.get(f"http://127.0.0.1:{port}/ready")).status_code == 200:
-                    return time.monotonic() - began
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"replica on {port} not ready after {timeout:.0f} s")
+def served_by_each(ports: dict[str, int]) -> dict[str, int | None]:
+    return {name: served(port) for name, port in ports.items()}
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> int:
@@ -93,7 +88,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
     replicas = {name: launch(args.models_dir, port, tmp / f"{name}.log") for name, port in ports.items()}
     balancer = None
     try:
-        await asyncio.gather(*(wait_ready(port) for port in ports.values()))
+        await asyncio.gather(*(wait_ready(url(ports[name]), 120, process) for name, process in replicas.items()))
         (tmp / "haproxy.cfg").write_text(HAPROXY_CFG.format(front=front, **ports))
         balancer = subprocess.Popen(["haproxy", "-f", str(tmp / "haproxy.cfg"), "-db"],
                                     stdout=(tmp / "haproxy.log").open("wb"), stderr=subprocess.STDOUT)
@@ -106,7 +101,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
         async def client_loop(client: httpx.AsyncClient) -> None:
             while not finished.is_set():
                 try:
-                    r = await client.post(f"http://127.0.0.1:{front}/predict?keep=1",
+                    r = await client.post(f"{url(front)}/predict?keep=1",
                                           files={"files": ("x.jpg", image, "image/jpeg")})
                     outcome = "200" if r.status_code == 200 else str(r.status_code)
                 except httpx.HTTPError as exc:
@@ -118,7 +113,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
 
         async def choreography() -> None:
             await asyncio.sleep(args.stop_after)
-            counts["before stop"] = {n: served(p) for n, p in ports.items()}
+            counts["before stop"] = await asyncio.to_thread(served_by_each, ports)
             events["A stopped (SIGTERM)"] = time.monotonic() - began
             replicas["a"].send_signal(signal.SIGTERM)
             await asyncio.to_thread(replicas["a"].wait, 30)
@@ -126,7 +121,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
             await asyncio.sleep(args.restart_after)
             events["A started again"] = time.monotonic() - began
             replicas["a"] = launch(args.models_dir, ports["a"], tmp / "a.log")
-            await wait_ready(ports["a"])
+            await wait_ready(url(ports["a"]), 120, replicas["a"])
             events["A ready"] = time.monotonic() - began
             give_up = time.monotonic() + args.rejoin_timeout
             while time.monotonic() < give_up:  # rejoined = the balancer sends it requests again
@@ -145,7 +140,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=args.clients)) as client:
             await asyncio.gather(conduct(), *(client_loop(client) for _ in range(args.clients)))
         elapsed = time.monotonic() - began
-        counts["end (A since its restart)"] = {n: served(p) for n, p in ports.items()}
+        counts["end (A since its restart)"] = served_by_each(ports)
     finally:
         if balancer is not None:
             balancer.terminate()

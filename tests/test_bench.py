@@ -97,6 +97,38 @@ def test_failover_behind_haproxy_loses_no_request(models_dir: Path, capsys: pyte
     assert "failed: 0 (goal 0)" in text and "A rejoined: True" in text
 
 
+def test_failover_waits_past_its_window_for_a_slow_restart(models_dir: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica that takes longer to start again than the load's --seconds is waited for, not lost."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from bench import failover
+
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (.ci/run installs it)")
+    launches: list[int] = []
+    launch = failover.launch
+
+    def slow_restart(models_dir: str, port: int, log: Path) -> subprocess.Popen:
+        launches.append(port)
+        if len(launches) <= 2:  # the first start of A and B
+            return launch(models_dir, port, log)
+        command = f"sleep 6; exec {sys.executable} -m app.cli --port {port} --models-dir {models_dir}"
+        return subprocess.Popen(["sh", "-c", command], stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+    monkeypatch.setattr(failover, "launch", slow_restart)
+    assert prune_bench(["failover", "--models-dir", str(models_dir), "--clients", "2", "--seconds", "3",
+                        "--stop-after", "1", "--restart-after", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert len(launches) == 3 and "failed: 0 (goal 0)" in text and "A rejoined: True" in text
+    ready = float(re.search(r"([\d.]+) s  A ready", text).group(1))
+    load = float(re.search(r"([\d.]+) s through HAProxy", text).group(1))
+    assert ready > 3 + 6 - 1 and load >= ready  # A came back long after the 3 s window, and the load waited
+
+
 def test_memory_bench_times_both_allocator_modes_in_their_own_processes(models_dir: Path,
                                                                         capsys: pytest.CaptureFixture) -> None:
     assert prune_bench(["memory", "--models-dir", str(models_dir), "--variants", "dense", "channel-keep0.50",
