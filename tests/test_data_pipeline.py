@@ -209,6 +209,10 @@ def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tm
     (work / "run-config.json").write_text(json.dumps({**record, "recipe_version": record["recipe_version"] - 1}))
     with pytest.raises(SystemExit, match="other settings.*recipe_version"):
         prune_train(args)
+    # ... and so is one trained in another precision: the record holds the precision `auto` resolved to.
+    (work / "run-config.json").write_text(json.dumps({**record, "precision": "bf16"}))
+    with pytest.raises(SystemExit, match=r"other settings \(precision\) \(it was trained in bf16"):
+        prune_train(args)
 
 
 def test_same_seed_same_numbers(image_folder: Path, tmp_path: Path) -> None:

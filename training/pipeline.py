@@ -173,10 +173,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 _RESULT_NEUTRAL = {"out", "work_dir", "cache_dir", "device", "threads", "seeds", "release_seed", "data"}
 
 
-def _guard_work_dir(args: argparse.Namespace, dataset_sha: str) -> None:
-    """Refuse to mix results made with other flags (or another data set) into this run's."""
+def _guard_work_dir(args: argparse.Namespace, dataset_sha: str, precision: str) -> None:
+    """Refuse to mix results made with other flags (or another data set) into this run's.
+
+    The precision is recorded as resolved: `--precision auto` means bf16 on one CPU and fp32 on another,
+    so a run resumed on other hardware would otherwise continue a seed in another precision.
+    """
     work = Path(args.work_dir)
     wanted = {k: v for k, v in sorted(vars(args).items()) if k not in _RESULT_NEUTRAL}
+    wanted["precision"] = precision
     wanted["dataset_sha256"] = dataset_sha
     wanted["recipe_version"] = RECIPE_VERSION
     record = work / "run-config.json"
@@ -184,8 +189,10 @@ def _guard_work_dir(args: argparse.Namespace, dataset_sha: str) -> None:
         found = json.loads(record.read_text())
         diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
         if diff:
+            hint = (f" (it was trained in {found.get('precision')}: pass --precision {found.get('precision')} to "
+                    "continue it here)" if diff == ["precision"] else "")
             raise SystemExit(f"prune-train: error: {work} holds results made with other settings "
-                             f"({', '.join(diff)}); use another --work-dir or delete it")
+                             f"({', '.join(diff)}){hint}; use another --work-dir or delete it")
     else:
         work.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(wanted, indent=1))
@@ -529,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     hardware = describe(device, precision) | {"memory_retained": memory_retained}
     print(f"prune-train: {hardware['device']} ({hardware.get('gpu_model', hardware['cpu_model'])}), "
           f"precision {precision}, torch {hardware['torch_version']}", flush=True)
-    _guard_work_dir(args, data.describe()["sha256"])
+    _guard_work_dir(args, data.describe()["sha256"], precision)
     splits = {k: v.to(device) for k, v in splits.items()}
     cfg = _train_config(args, precision)
     pcfg = _prune_config(args)
