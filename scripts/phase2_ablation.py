@@ -90,6 +90,10 @@ def main() -> None:
                    help="distillation temperatures to try")
     p.add_argument("--smoothing", type=float, nargs="+", default=[TrainConfig().label_smoothing],
                    help="label smoothing of phase 2's hard-label term (phase 1 trains with the default)")
+    p.add_argument("--bn-weights", type=int, nargs="+", choices=(0, 1), default=[int(PruneConfig().bn_weights)],
+                   help="learn the BatchNorm weights in phase 2 (0 frozen at phase 1's, 1 learned)")
+    p.add_argument("--decay-scales", type=float, nargs="+", default=[PruneConfig().decay_scale],
+                   help="phase 2's weight decay as a multiple of phase 1's (0 = none)")
     p.add_argument("--rankings", nargs="+", choices=CHANNEL_RANKINGS, default=["mass"],
                    help="channel ranking: weight mass that reads the channel, or first-order Taylor")
     p.add_argument("--allocations", nargs="+", choices=CHANNEL_ALLOCATIONS, default=["uniform"],
@@ -147,13 +151,15 @@ def main() -> None:
         return accuracy(model, val_x, val_y, precision=precision)
 
     distiller = Teacher(teacher)  # every run draws the same batches: the teacher's logits are computed once
-    for allocation, ranking, steps, distill, gate_lr, share, ema, tta, ramp, temperature, smoothing in (
+    for allocation, ranking, steps, distill, gate_lr, share, ema, tta, ramp, temperature, smoothing, bn, decay in (
             itertools.product(allocations, rankings, args.steps, args.distill, gate_lrs, shares, args.lookahead,
-                              args.teacher_tta, ramps, args.temperatures, args.smoothing)):
+                              args.teacher_tta, ramps, args.temperatures, args.smoothing, args.bn_weights,
+                              args.decay_scales)):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
-                       lookahead=bool(ema), teacher_tta=tta, temperature=temperature)
+                       lookahead=bool(ema), teacher_tta=tta, temperature=temperature, bn_weights=bool(bn),
+                       decay_scale=decay)
         run_cfg = replace(cfg, label_smoothing=smoothing)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
@@ -172,14 +178,16 @@ def main() -> None:
                 bake_masks(model)
                 start = args.chain_from
             masks = prune_weights(args.keep, start_keep=start)
-            final_masks[(ranking, steps, distill, gate_lr, share, ema, tta, temperature, smoothing)] = flat_mask(masks)
+            final_masks[(ranking, steps, distill, gate_lr, share, ema, tta, temperature, smoothing, bn,
+                         decay)] = flat_mask(masks)
         val = validation(model)
         gates = "" if args.granularity != "weight" else (
             f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}"
             + ("" if args.chain_from is None else f", chained from keep {args.chain_from:g}"))
         shape = f", {allocation} widths, ramp {ramp:g}" if args.granularity == "channel" else ""
         print(f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
-              f"distill {distill:g} at temperature {temperature:g}, label smoothing {smoothing:g}"
+              f"distill {distill:g} at temperature {temperature:g}, label smoothing {smoothing:g}, "
+              f"BN weights {'learned' if bn else 'frozen'}, weight decay ×{decay:g}"
               f" (teacher TTA {tta})"
               f"{gates}: validation {val:.2f} % (drop {dense_val - val:.2f}) in {time.perf_counter() - began:.0f} s",
               flush=True)
@@ -189,7 +197,7 @@ def main() -> None:
         for i, (setting, mask) in enumerate(runs):
             overlap = (mask & reference).sum().item() / reference.sum().item()
             print(f"survivors of (criterion, steps, distill, gate lr, share, lookahead, teacher TTA, temperature, "
-                  f"label smoothing) = {setting}: "
+                  f"label smoothing, BN weights, decay scale) = {setting}: "
                   f"share also in one-shot |W| top-K {overlap:.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:
                 print(f"  ... also in {other}'s: {(mask & other_mask).sum().item() / mask.sum().item():.3f}",

@@ -16,6 +16,7 @@ from training.train import (
     TrainConfig,
     _kept_share,
     _lr_factor,
+    _sgd,
     accuracy,
     accuracy_by_level,
     predict_logits,
@@ -176,6 +177,26 @@ def test_phase2_lookahead_averages_the_fine_tuned_weights() -> None:
         finals.append(model.block2.conv2.effective_weight().detach())
     # Same data, seed and masks schedule: only the averaging differs, and it changes the result.
     assert finals[0].shape == finals[1].shape and not torch.equal(finals[0], finals[1])
+
+
+def test_phase2_learns_bn_weights_only_when_asked_and_without_decay() -> None:
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    for learned in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model()
+        before = model.block2.bn2.weight.detach().clone()
+        prune_finetune(model, images, labels, 0.3, TrainConfig(batch_size=8),
+                       PruneConfig(steps=6, bn_weights=learned), seed=0)
+        assert torch.equal(model.block2.bn2.weight.detach(), before) != learned  # frozen unless asked
+    model = tiny_model()
+    bn_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    for decay_scale in (1.0, 0.0):
+        groups = _sgd(model, TrainConfig(), 0.25, decay_scale).param_groups
+        for group in groups:
+            if {id(p) for p in group["params"]} <= bn_weights:
+                assert group["weight_decay"] == 0.0  # a gain of 1 is not pulled towards 0
+            else:
+                assert (group["weight_decay"] > 0) == (decay_scale > 0)
 
 
 def test_phase2_distills_from_the_teachers_tta_logits() -> None:

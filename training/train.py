@@ -99,6 +99,11 @@ class PruneConfig:
     # batch as the student sees it, 1 = averaged with its mirror). Level 1 makes the better classifier yet
     # the worse teacher: 89.08 vs 89.32 % on validation at keep 0.05 (docs/training.md), so 0.
     teacher_tta: int = 0
+    # Learn the BatchNorm weights in phase 2 (phase 1 keeps them frozen at 1, as airbench does): a dense
+    # per-channel gain beside the sparse weights, without weight decay.
+    bn_weights: bool = False
+    # Phase 2's weight decay as a multiple of phase 1's (per step, scaled with the learning rate as phase 1's).
+    decay_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,20 +213,24 @@ def _draw_keep(cfg: TrainConfig, generator: torch.Generator) -> float:
 # ---------------------------------------------------------------------------------------------
 # Optimiser (airbench's scaling)
 # ---------------------------------------------------------------------------------------------
-def _sgd(model: GatedNet, cfg: TrainConfig, lr_multiple: float = 1.0) -> torch.optim.SGD:
+def _sgd(model: GatedNet, cfg: TrainConfig, lr_multiple: float = 1.0, decay_scale: float = 1.0) -> torch.optim.SGD:
     """Nesterov SGD on a *summed* loss. airbench divides the per-1024 rates by 1024·(1 + 1/(1 − momentum))
     so that a step's size does not depend on the momentum; weight decay is set so the per-step decay
-    is ``weight_decay · batch / kilostep`` whatever the group's learning rate."""
+    is ``weight_decay · batch / kilostep`` whatever the group's learning rate. BN weights, where they
+    learn at all (phase 2 with ``PruneConfig.bn_weights``), get the base rate and no decay."""
     kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
     lr = cfg.lr / kilostep * lr_multiple
-    decay = cfg.weight_decay * cfg.batch_size / kilostep * lr_multiple
+    decay = cfg.weight_decay * cfg.batch_size / kilostep * lr_multiple * decay_scale
     bn_bias_ids = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
-    bn_biases, others = [], []
+    bn_weight_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    bn_biases, bn_weights, others = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or name.endswith(".score"):
             continue
-        (bn_biases if id(p) in bn_bias_ids else others).append(p)
+        (bn_biases if id(p) in bn_bias_ids else bn_weights if id(p) in bn_weight_ids else others).append(p)
     groups = [{"params": others, "lr": lr, "weight_decay": decay / lr, "base_lr": lr}]
+    if bn_weights:
+        groups.append({"params": bn_weights, "lr": lr, "weight_decay": 0.0, "base_lr": lr})
     if bn_biases:
         bias_lr = lr * cfg.bias_scaler
         groups.append({"params": bn_biases, "lr": bias_lr, "weight_decay": decay / bias_lr, "base_lr": bias_lr})
@@ -243,10 +252,10 @@ def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
-def _freeze_bn_weights(model: GatedNet) -> None:
+def _freeze_bn_weights(model: GatedNet, frozen: bool = True) -> None:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.weight.requires_grad_(False)
+            m.weight.requires_grad_(not frozen)
 
 
 class Lookahead:
@@ -515,12 +524,12 @@ def prune_finetune(
     generator = torch.Generator().manual_seed(seed + 7919)
     if teacher is not None and not isinstance(teacher, Teacher):
         teacher = Teacher(teacher)
-    _freeze_bn_weights(model)
+    _freeze_bn_weights(model, frozen=not pcfg.bn_weights)
     scores = [layer.score for _, layer in model.gated_layers()]
     learn_gates = masks is None and pcfg.gradual and pcfg.gate_lr > 0
     for s in scores:
         s.requires_grad_(False)
-    optimizer = _sgd(model, cfg, pcfg.lr)
+    optimizer = _sgd(model, cfg, pcfg.lr, pcfg.decay_scale)
     score_optimizer = None
     if learn_gates:
         for s in scores:
