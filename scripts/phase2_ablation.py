@@ -24,6 +24,8 @@ are not touched.
         --keep 0.05 --steps 600 --chain-from 0.1      # prune to 0.1 first, then from that network to 0.05
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --temperatures 4 --smoothing 0.2 0   # distillation temperature, label smoothing
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.1 --steps 600 --bn-weights 1 --decay-scales 0 2    # learned BN weights, phase-2 weight decay
 """
 
 from __future__ import annotations
