@@ -4,6 +4,7 @@ are not tests; that they run, and report what they measured, is)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ from bench.readme import (
     SUMMARY_END,
 )
 from tests.conftest import build_models_dir
+
+needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None,
+                                   reason="haproxy is not installed (.ci/run installs it)")
 
 
 @pytest.fixture
@@ -64,8 +68,6 @@ def test_load_refuses_a_non_loopback_target(capsys: pytest.CaptureFixture) -> No
 
 def test_http_bench_compares_variants_and_configurations(models_dir: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
-    import shutil
-
     from tests.live import free_port
 
     if shutil.which("wrk") is None:
@@ -86,29 +88,24 @@ def test_http_bench_compares_variants_and_configurations(models_dir: Path, tmp_p
     assert saved["checkpoints"] == {name: shipped[name] for name in ("dense", "gate-keep0.10")}
 
 
+@needs_haproxy
 def test_failover_behind_haproxy_loses_no_request(models_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    import shutil
-
-    if shutil.which("haproxy") is None:
-        pytest.skip("haproxy is not installed (.ci/run installs it)")
     assert prune_bench(["failover", "--models-dir", str(models_dir), "--clients", "4", "--seconds", "10",
                         "--stop-after", "2", "--restart-after", "1"]) == 0
     text = capsys.readouterr().out
     assert "failed: 0 (goal 0)" in text and "A rejoined: True" in text
 
 
+@needs_haproxy
 def test_failover_waits_past_its_window_for_a_slow_restart(models_dir: Path, capsys: pytest.CaptureFixture,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A replica that takes longer to start again than the load's --seconds is waited for, not lost."""
     import re
-    import shutil
     import subprocess
     import sys
 
     from bench import failover
 
-    if shutil.which("haproxy") is None:
-        pytest.skip("haproxy is not installed (.ci/run installs it)")
     launches: list[int] = []
     launch = failover.launch
 

@@ -252,10 +252,11 @@ def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
-def _freeze_bn_weights(model: GatedNet, frozen: bool = True) -> None:
+def _learn_bn_weights(model: GatedNet, learn: bool) -> None:
+    """airbench freezes the BN weights (at 1); phase 2 may learn them (``PruneConfig.bn_weights``)."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.weight.requires_grad_(not frozen)
+            m.weight.requires_grad_(learn)
 
 
 class Lookahead:
@@ -328,7 +329,7 @@ def train(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     prepare(model, cfg, images, seed)
-    _freeze_bn_weights(model)
+    _learn_bn_weights(model, False)
     if cfg.whiten:
         model.stem.weight.requires_grad_(False)
     scores = [layer.score for _, layer in model.gated_layers()]
@@ -524,7 +525,7 @@ def prune_finetune(
     generator = torch.Generator().manual_seed(seed + 7919)
     if teacher is not None and not isinstance(teacher, Teacher):
         teacher = Teacher(teacher)
-    _freeze_bn_weights(model, frozen=not pcfg.bn_weights)
+    _learn_bn_weights(model, pcfg.bn_weights)
     scores = [layer.score for _, layer in model.gated_layers()]
     learn_gates = masks is None and pcfg.gradual and pcfg.gate_lr > 0
     for s in scores:
