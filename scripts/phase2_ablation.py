@@ -26,6 +26,8 @@ are not touched.
         --keep 0.1 --steps 600 --temperatures 4 --smoothing 0.2 0   # distillation temperature, label smoothing
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --bn-weights 1 --decay-scales 0 2    # learned BN weights, phase-2 weight decay
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.1 --steps 600 --lr-schedules hold    # peak lr while pruning, decay over the fixed-mask fine-tune
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from training.prune import (
 )
 from training.train import (
     PHASE2_CRITERIA,
+    PHASE2_SCHEDULES,
     PruneConfig,
     Teacher,
     TrainConfig,
@@ -96,6 +99,9 @@ def main() -> None:
                    help="learn the BatchNorm weights in phase 2 (0 frozen at phase 1's, 1 learned)")
     p.add_argument("--decay-scales", type=float, nargs="+", default=[PruneConfig().decay_scale],
                    help="phase 2's weight decay as a multiple of phase 1's (0 = none)")
+    p.add_argument("--lr-schedules", nargs="+", choices=PHASE2_SCHEDULES, default=[PruneConfig().lr_schedule],
+                   help="after the warm-up: linear decay over all steps, or hold the peak while the mask "
+                        "changes and decay over the fixed-mask fine-tune only")
     p.add_argument("--rankings", nargs="+", choices=CHANNEL_RANKINGS, default=["mass"],
                    help="channel ranking: weight mass that reads the channel, or first-order Taylor")
     p.add_argument("--allocations", nargs="+", choices=CHANNEL_ALLOCATIONS, default=["uniform"],
@@ -153,15 +159,15 @@ def main() -> None:
         return accuracy(model, val_x, val_y, precision=precision)
 
     distiller = Teacher(teacher)  # every run draws the same batches: the teacher's logits are computed once
-    for allocation, ranking, steps, distill, gate_lr, share, ema, tta, ramp, temperature, smoothing, bn, decay in (
-            itertools.product(allocations, rankings, args.steps, args.distill, gate_lrs, shares, args.lookahead,
-                              args.teacher_tta, ramps, args.temperatures, args.smoothing, args.bn_weights,
-                              args.decay_scales)):
+    for (allocation, ranking, steps, distill, gate_lr, share, ema, tta, ramp, temperature, smoothing, bn, decay,
+         schedule) in itertools.product(allocations, rankings, args.steps, args.distill, gate_lrs, shares,
+                                        args.lookahead, args.teacher_tta, ramps, args.temperatures, args.smoothing,
+                                        args.bn_weights, args.decay_scales, args.lr_schedules):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
                        lookahead=bool(ema), teacher_tta=tta, temperature=temperature, bn_weights=bool(bn),
-                       decay_scale=decay)
+                       decay_scale=decay, lr_schedule=schedule)
         run_cfg = replace(cfg, label_smoothing=smoothing)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
@@ -181,7 +187,7 @@ def main() -> None:
                 start = args.chain_from
             masks = prune_weights(args.keep, start_keep=start)
             final_masks[(ranking, steps, distill, gate_lr, share, ema, tta, temperature, smoothing, bn,
-                         decay)] = flat_mask(masks)
+                         decay, schedule)] = flat_mask(masks)
         val = validation(model)
         gates = "" if args.granularity != "weight" else (
             f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}"
@@ -189,7 +195,7 @@ def main() -> None:
         shape = f", {allocation} widths, ramp {ramp:g}" if args.granularity == "channel" else ""
         print(f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
               f"distill {distill:g} at temperature {temperature:g}, label smoothing {smoothing:g}, "
-              f"BN weights {'learned' if bn else 'frozen'}, weight decay ×{decay:g}"
+              f"BN weights {'learned' if bn else 'frozen'}, weight decay ×{decay:g}, {schedule} lr"
               f" (teacher TTA {tta})"
               f"{gates}: validation {val:.2f} % (drop {dense_val - val:.2f}) in {time.perf_counter() - began:.0f} s",
               flush=True)
@@ -199,7 +205,7 @@ def main() -> None:
         for i, (setting, mask) in enumerate(runs):
             overlap = (mask & reference).sum().item() / reference.sum().item()
             print(f"survivors of (criterion, steps, distill, gate lr, share, lookahead, teacher TTA, temperature, "
-                  f"label smoothing, BN weights, decay scale) = {setting}: "
+                  f"label smoothing, BN weights, decay scale, lr schedule) = {setting}: "
                   f"share also in one-shot |W| top-K {overlap:.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:
                 print(f"  ... also in {other}'s: {(mask & other_mask).sum().item() / mask.sum().item():.3f}",

@@ -11,11 +11,13 @@ from core.model import TTA_LEVELS, GatedNet, NetConfig, tta_logits
 from tests.conftest import tiny_model
 from training.prune import check_keep
 from training.train import (
+    PHASE2_SCHEDULES,
     PruneConfig,
     Teacher,
     TrainConfig,
     _kept_share,
     _lr_factor,
+    _phase2_lr_factor,
     _sgd,
     accuracy,
     accuracy_by_level,
@@ -309,3 +311,23 @@ def test_every_tta_level_from_one_pass_is_exactly_each_levels_own(precision: str
         assert torch.equal(together[level], predict_logits(model, images, 16, precision, tta=level))
     by_level = accuracy_by_level(model, images, labels, precision, up_to=2)
     assert by_level == [accuracy(model, images, labels, precision, tta=level) for level in TTA_LEVELS]
+
+
+def test_phase2_lr_schedule_holds_the_peak_while_the_mask_changes() -> None:
+    # linear: warm-up over 5 % of the steps, then straight down to zero
+    assert [_phase2_lr_factor(s, 100) for s in (0, 4, 5, 50, 99)] == [0.0, 0.8, 1.0, 50 / 95, 1 / 95]
+    # hold until 75: the peak through the pruning ramp, then linear to zero over the last 25 steps
+    assert [_phase2_lr_factor(s, 100, 75) for s in (4, 5, 74, 75, 99)] == [0.8, 1.0, 1.0, 1.0, 1 / 25]
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    finals = []
+    for schedule in PHASE2_SCHEDULES:
+        torch.manual_seed(0)
+        model = tiny_model()
+        masks = prune_finetune(model, images, labels, 0.3, TrainConfig(batch_size=8),
+                               PruneConfig(steps=10, gate_lr=0.05, lr_schedule=schedule), seed=0)
+        assert sum(int(m.sum()) for m in masks.values()) == round(0.3 * sum(m.numel() for m in masks.values()))
+        finals.append(model.block2.conv2.effective_weight().detach())
+    assert not torch.equal(finals[0], finals[1])  # same data and seed: only the learning rates differ
+    with pytest.raises(ValueError, match="lr schedule"):
+        prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8),
+                       PruneConfig(steps=1, lr_schedule="cosine"), seed=0)

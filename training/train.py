@@ -34,6 +34,7 @@ from training.prune import channel_masks, lamp, prune
 
 GATE_METHODS = ("frozen", "st_topk", "penalty", "none")
 PHASE2_CRITERIA = ("gate_magnitude", "lamp")
+PHASE2_SCHEDULES = ("linear", "hold")
 # Bumped whenever a code change alters what training produces for the same flags, so that a work dir
 # made by older code is refused instead of mixed in (prune-train records it with the flags).
 # 2: whitening samples its 5,000 images at random instead of taking the first ones.
@@ -104,6 +105,10 @@ class PruneConfig:
     bn_weights: bool = False
     # Phase 2's weight decay as a multiple of phase 1's (per step, scaled with the learning rate as phase 1's).
     decay_scale: float = 1.0
+    # Learning rate after the 5 % warm-up: "linear" decays to zero over all the steps; "hold" stays at the
+    # peak while the mask still changes (the pruning ramp, or a channel ramp) and decays to zero over the
+    # fixed-mask fine-tune only, as learning-rate rewinding (Renda et al. 2020) retrains at a high rate.
+    lr_schedule: str = "linear"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -488,6 +493,16 @@ def _kept_share(step: int, total: int, keep: float, share: float, start: float =
     return keep + (start - keep) * (1 - frac) ** 3
 
 
+def _phase2_lr_factor(step: int, total: int, hold_until: int = 0) -> float:
+    """Short warm-up (5 % of the steps), then the peak until step ``hold_until`` (0: not at all), then
+    linear decay to zero at the last step: converge on the final mask."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return step / warm
+    decay_from = max(warm, hold_until)
+    return 1.0 if step < decay_from else (total - step) / max(1, total - decay_from)
+
+
 def prune_finetune(
     model: GatedNet,
     images: Tensor,
@@ -521,6 +536,8 @@ def prune_finetune(
     """
     if pcfg.criterion not in PHASE2_CRITERIA:
         raise ValueError(f"phase 2 ranks by one of {', '.join(PHASE2_CRITERIA)}, not {pcfg.criterion!r}")
+    if pcfg.lr_schedule not in PHASE2_SCHEDULES:
+        raise ValueError(f"phase 2's lr schedule is one of {', '.join(PHASE2_SCHEDULES)}, not {pcfg.lr_schedule!r}")
     device = images.device
     generator = torch.Generator().manual_seed(seed + 7919)
     if teacher is not None and not isinstance(teacher, Teacher):
@@ -565,9 +582,7 @@ def prune_finetune(
             share = _kept_share(step, fixed_from, keep, 1.0, start_keep)
             rank = "lamp" if pcfg.criterion == "lamp" else "effective"
             model.set_train_masks(sampled_train_masks(model, share, rank) if share < 1.0 else None)
-        # Short warm-up, then linear decay to zero: converge on the final mask.
-        warm = max(1, pcfg.steps // 20)
-        factor = step / warm if step < warm else (pcfg.steps - step) / max(1, pcfg.steps - warm)
+        factor = _phase2_lr_factor(step, pcfg.steps, max(fixed_from, ramp_until) if pcfg.lr_schedule == "hold" else 0)
         optimizers = [o for o in (optimizer, score_optimizer) if o is not None]
         for opt in optimizers:
             _set_lr(opt, factor)
