@@ -25,7 +25,7 @@ from core.checkpoint import CheckpointError, load_model
 from core.manifest import SCHEMA_VERSION, Manifest, VariantEntry, describe_error
 from core.model import TTA_LEVELS, TTA_VIEWS, tta_logits
 from engine import plan as plans
-from engine.compact import BATCH_BUCKETS, CompactNet, calibrate, compact, interleaved_medians
+from engine.compact import BATCH_BUCKETS, VIEW_ROWS_PER_CALL, CompactNet, calibrate, compact, interleaved_medians
 
 log = logging.getLogger("app.registry")
 
@@ -338,9 +338,11 @@ class Registry:
 
     @torch.inference_mode()
     def _forward(self, variant: Variant, images: Tensor, tta: int | None = None) -> Tensor:
-        # The manifest's test-time augmentation unless the request chose a level: each view is one
-        # forward pass over the whole batch (6 at TTA 2), so its cost is in every latency.
-        logits = tta_logits(variant.net, images.contiguous(memory_format=torch.channels_last), self.level(tta))
+        # The manifest's test-time augmentation unless the request chose a level: every view is a forward
+        # pass over the batch (6 at TTA 2; small batches stack them into one call), so its cost is in every
+        # latency.
+        logits = tta_logits(variant.net, images.contiguous(memory_format=torch.channels_last), self.level(tta),
+                            rows_per_call=VIEW_ROWS_PER_CALL)
         return torch.softmax(logits.float(), dim=1)
 
     # -- selection -------------------------------------------------------------------------

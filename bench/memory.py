@@ -36,7 +36,7 @@ def child(args: argparse.Namespace) -> dict:
 
     from core import checkpoint
     from core.model import tta_logits
-    from engine.compact import calibrate, compact
+    from engine.compact import VIEW_ROWS_PER_CALL, calibrate, compact
 
     torch.set_num_threads(args.threads)
     models_dir = Path(args.models_dir)
@@ -53,12 +53,12 @@ def child(args: argparse.Namespace) -> dict:
         calibrate(net)
         with torch.inference_mode():
             for _ in range(3):  # warm-up: oneDNN primitives, and glibc's adaptive threshold settles
-                tta_logits(net, x, tta)
+                tta_logits(net, x, tta, VIEW_ROWS_PER_CALL)
             times, faults = [], []
             for _ in range(args.passes):
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 began = time.perf_counter()
-                tta_logits(net, x, tta)
+                tta_logits(net, x, tta, VIEW_ROWS_PER_CALL)
                 times.append(time.perf_counter() - began)
                 faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         result[entry["name"]] = {"ms": statistics.median(times) * 1e3, "faults": statistics.median(faults)}

@@ -17,11 +17,17 @@ Runtime baseline runs with its defaults (busy-waiting threads) and is timed last
 spinning threads do not slow the others. Threads are pinned (--threads) for PyTorch and ONNX Runtime.
 
     prune-bench speed --models-dir models --threads 2
+    prune-bench speed --precision bf16 --views --no-onnx --no-rss   # + TTA views: stacked vs one call each
+
+``--views`` adds, per variant and batch, the served test-time augmentation (the manifest's level) run
+as the service runs it (views stacked into calls of up to VIEW_ROWS_PER_CALL rows) against one forward
+pass per view, the two timed alternately in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -35,8 +41,15 @@ import torch
 
 from core import checkpoint
 from core.hardware import autocast, retain_freed_memory
-from core.model import GatedNet
-from engine.compact import BATCH_BUCKETS, OnnxSession, calibrate, compact, onnxruntime_available
+from core.model import TTA_VIEWS, GatedNet, tta_logits
+from engine.compact import (
+    BATCH_BUCKETS,
+    VIEW_ROWS_PER_CALL,
+    OnnxSession,
+    calibrate,
+    compact,
+    onnxruntime_available,
+)
 
 Runner = Callable[[torch.Tensor], object]
 
@@ -165,11 +178,40 @@ def run(args: argparse.Namespace) -> dict:
               "unfolded_images_per_s": speed["unfolded GatedNet"],
               "onnx_images_per_s": speed.get("dense ONNX Runtime"), "variants": rows,
               "dense_name": dense_entry["name"]}
+    if args.views:
+        result["views"] = view_stacking(loaded, args.batches, manifest.get("tta", 0), args.repeats, args.seconds)
     if not args.no_rss:
         result["service_rss_bytes"] = service_rss(str(models_dir), args.precision, retain_memory=retained)
         result["service_rss_bytes_without_onnx"] = service_rss(str(models_dir), args.precision, onnx_runtime=False,
                                                                retain_memory=retained)
     return result
+
+
+def view_stacking(loaded: list, batches: list[int], level: int, repeats: int, seconds: float) -> dict:
+    """Images/s at TTA ``level`` with the views stacked as the service runs them, and with one forward pass
+    per view, per variant and batch (alternating, median of ``repeats``)."""
+    ways = {"stacked": VIEW_ROWS_PER_CALL, "per_view": 0}
+    out: dict = {"level": level, "views": TTA_VIEWS[level], "rows_per_call": VIEW_ROWS_PER_CALL, "variants": {}}
+    for entry, _, net in loaded:
+        figures = out["variants"][entry["name"]] = {}
+        for batch in batches:
+            x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+            runs = {way: functools.partial(_infer_tta, net, level=level, rows_per_call=rows)
+                    for way, rows in ways.items()}
+            for run in runs.values():
+                run(x)  # warm-up
+            samples: dict[str, list[float]] = {way: [] for way in ways}
+            for repeat in range(repeats):
+                for way in (list(ways) if repeat % 2 == 0 else list(ways)[::-1]):
+                    samples[way].append(images_per_second(runs[way], x, seconds))
+            figures[batch] = {way: statistics.median(v) for way, v in samples.items()}
+        print(f"views: {entry['name']} measured", flush=True)
+    return out
+
+
+@torch.inference_mode()
+def _infer_tta(net: torch.nn.Module, x: torch.Tensor, *, level: int, rows_per_call: int) -> torch.Tensor:
+    return tta_logits(net, x, level, rows_per_call)
 
 
 @torch.inference_mode()
@@ -209,6 +251,17 @@ def render(result: dict) -> str:
     for row in result["variants"]:
         channels = " ".join(layer["channels"].split("/")[0] for layer in row["layers"])
         out.append(f"| {row['name']} | {channels} | {row['paths']} | {row['resident_bytes'] / 2**20:.1f} MiB |")
+    if result.get("views"):
+        views = result["views"]
+        out += ["", f"TTA level {views['level']} ({views['views']} views per image): images/s with the views "
+                    f"stacked into calls of up to {views['rows_per_call']} rows (as served) / one call per view, "
+                    "and the ratio:",
+                "", "| variant |" + "".join(f" b{b} stacked | b{b} per view | ×b{b} |" for b in batches),
+                "|---|" + "---|---|---|" * len(batches)]
+        for name, figures in views["variants"].items():
+            out.append(f"| {name} |" + "".join(
+                f" {figures[b]['stacked']:.0f} | {figures[b]['per_view']:.0f} | "
+                f"{figures[b]['stacked'] / figures[b]['per_view']:.2f} |" for b in batches))
     out += ["", *goals(result)]
     return "\n".join(out)
 
@@ -260,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="PyTorch precision (ONNX Runtime always runs float32)")
     p.add_argument("--variants", nargs="*", help="names to include (dense is always included)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime baseline")
+    p.add_argument("--views", action="store_true",
+                   help="also time the served TTA with stacked views against one call per view")
     p.add_argument("--no-rss", action="store_true", help="skip the service memory measurement")
     p.add_argument("--no-retain-memory", action="store_true",
                    help="glibc's allocator defaults (as RETAIN_FREED_MEMORY=false); see prune-bench memory")

@@ -49,6 +49,26 @@ def test_speed_reports_every_variant_against_dense_and_onnx_runtime(models_dir: 
     assert "Goals (this run" in text and "ONNX Runtime" in text and "service dense" in text
 
 
+def test_speed_views_times_stacked_against_one_call_per_view(models_dir: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    manifest["tta"] = 2
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "speed.json"
+    assert prune_bench(["speed", "--models-dir", str(models_dir), "--repeats", "2", "--seconds", "0.01",
+                        "--threads", "1", "--batches", "1", "8", "--views", "--no-onnx", "--no-rss",
+                        "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    views = json.loads(out.read_text())["views"]
+    assert (views["level"], views["views"], views["rows_per_call"]) == (2, 6, 64)
+    assert set(views["variants"]) == {"dense", "gate-keep0.50", "gate-keep0.10", "channel-keep0.50"}
+    for name, figures in views["variants"].items():
+        assert set(figures) == {"1", "8"}
+        assert all(figures[b][way] > 0 for b in figures for way in ("stacked", "per_view"))
+        assert text.count(f"| {name} |") == 3  # the speed table, the layer table and the views table
+    assert "TTA level 2 (6 views per image)" in text
+
+
 def test_load_soak_and_overload_pass_on_a_tiny_service(models_dir: Path, capsys: pytest.CaptureFixture) -> None:
     from tests.live import free_port
 

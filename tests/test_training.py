@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from core.hardware import Capabilities, describe, select_device, select_precision
-from core.model import TTA_LEVELS, GatedNet, NetConfig, tta_logits
+from core.model import TTA_LEVELS, GatedNet, NetConfig, tta_logits, tta_logits_by_level
 from tests.conftest import tiny_model
 from training.prune import check_keep
 from training.train import (
@@ -294,6 +294,28 @@ def test_tta_levels() -> None:
         assert torch.equal(tta_logits(model, x, 0), model(x))
         assert torch.allclose(tta_logits(model, x, 1), (model(x) + model(x.flip(-1))) / 2)
         assert tta_logits(model, x, 2).shape == (3, 3)
+
+
+@pytest.mark.parametrize("rows_per_call, calls", [(0, [3] * 6), (3, [3] * 6), (5, [3] * 6), (6, [6, 6, 6]),
+                                                  (12, [12, 6]), (64, [18])])
+def test_tta_views_stack_into_calls_of_at_most_rows_per_call(rows_per_call: int, calls: list[int]) -> None:
+    """Stacking the views changes how many forward passes run, never what each image gets."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    padded = torch.nn.functional.pad(x, (1,) * 4, mode="reflect")
+    a, b = padded[..., :32, :32], padded[..., 2:, 2:]
+    seen: list[int] = []
+    with torch.no_grad():
+        mirror = (model(x) + model(x.flip(-1))) / 2
+        expected = 0.5 * mirror + 0.5 * (model(a) + model(a.flip(-1)) + model(b) + model(b.flip(-1))) / 4
+        hook = model.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+        got = tta_logits_by_level(model, x, 2, rows_per_call)
+        hook.remove()
+    assert seen == calls
+    assert torch.allclose(got[0], model(x), atol=1e-6)
+    assert torch.allclose(got[1], mirror, atol=1e-6)
+    assert torch.allclose(got[2], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
