@@ -205,6 +205,8 @@ def view_stacking(loaded: list, batches: list[int], level: int, repeats: int, se
                 for way in (list(ways) if repeat % 2 == 0 else list(ways)[::-1]):
                     samples[way].append(images_per_second(runs[way], x, seconds))
             figures[batch] = {way: statistics.median(v) for way, v in samples.items()}
+            difference = runs["stacked"](x).float() - runs["per_view"](x).float()
+            figures[batch]["max_abs_diff"] = difference.abs().max().item()
         print(f"views: {entry['name']} measured", flush=True)
     return out
 
@@ -255,13 +257,14 @@ def render(result: dict) -> str:
         views = result["views"]
         out += ["", f"TTA level {views['level']} ({views['views']} views per image): images/s with the views "
                     f"stacked into calls of up to {views['rows_per_call']} rows (as served) / one call per view, "
-                    "and the ratio:",
-                "", "| variant |" + "".join(f" b{b} stacked | b{b} per view | ×b{b} |" for b in batches),
-                "|---|" + "---|---|---|" * len(batches)]
+                    "the ratio, and the largest difference between the two ways' logits:",
+                "", "| variant |" + "".join(f" b{b} stacked | b{b} per view | ×b{b} |" for b in batches)
+                + " max abs diff |", "|---|" + "---|---|---|" * len(batches) + "---|"]
         for name, figures in views["variants"].items():
             out.append(f"| {name} |" + "".join(
                 f" {figures[b]['stacked']:.0f} | {figures[b]['per_view']:.0f} | "
-                f"{figures[b]['stacked'] / figures[b]['per_view']:.2f} |" for b in batches))
+                f"{figures[b]['stacked'] / figures[b]['per_view']:.2f} |" for b in batches)
+                + f" {max(figures[b]['max_abs_diff'] for b in batches):.1e} |")
     out += ["", *goals(result)]
     return "\n".join(out)
 
