@@ -188,6 +188,22 @@ def test_a_request_chooses_its_tta_level(models_dir: Path) -> None:
         assert r.status_code == 422 and "tta" in json.dumps(r.json()["detail"]), (bad, r.text)
 
 
+@pytest.mark.parametrize("images, calls", [(1, [6]), (10, [60]), (11, [55, 11]), (40, [40] * 6)])
+def test_the_service_stacks_a_small_batchs_tta_views_into_one_pass(models_dir: Path, images: int,
+                                                                    calls: list[int]) -> None:
+    """At TTA 2 a request's 6 views run as few forward passes as fit in 64 rows (docs/engine.md)."""
+    from app.registry import Registry
+
+    registry = Registry(models_dir, "fp32", probe_runs=1)
+    registry.load_models()
+    variant = registry.variants[0]
+    seen: list[int] = []
+    hook = variant.net.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    probs = registry.forward(variant, torch.randn(images, 3, 32, 32), tta=2)
+    hook.remove()
+    assert seen == calls and probs.shape == (images, len(CLASSES))
+
+
 def test_variants_give_accuracy_and_latency_at_every_tta_level(models_dir: Path) -> None:
     """/variants: per level its views, the accuracy training recorded (the served level's is test_acc_mean),
     and latency measured at that level."""
