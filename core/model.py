@@ -231,7 +231,7 @@ def tta_views(x: Tensor, level: int) -> list[Tensor]:
 def _view_logits(forward: Callable[[Tensor], Tensor], views: list[Tensor], rows_per_call: int) -> list[Tensor]:
     """``forward`` of every view; views are stacked into one call while the call stays within
     ``rows_per_call`` rows (0: one call per view). Small batches gain most: at one image, six calls
-    of one row cost up to 2-3x one call of six on 2 CPU cores (docs/engine.md)."""
+    of one row cost 1.9-3.4x one call of six on 2 CPU cores (docs/engine.md)."""
     n = views[0].shape[0]
     per_call = max(1, rows_per_call // max(1, n))
     if per_call == 1:

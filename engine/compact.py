@@ -61,8 +61,9 @@ ONNX_MAX_BATCH = 8
 BATCH_BUCKETS = (1, 8, 64)
 # Test-time augmentation views run stacked in one forward pass while it stays within the largest
 # calibrated batch (core.model.tta_logits ``rows_per_call``): 6 views of one image as one call of 6
-# rows ran 1.4-3.3x faster than 6 calls of 1, and no stacked call is larger (in memory, or beyond the
-# batch sizes the paths were chosen for) than a batch-64 request's per-view call (docs/engine.md).
+# rows ran 1.9-3.4x faster than 6 calls of 1 (bf16, 2 cores; prune-bench speed --views), and no stacked
+# call is larger (in memory, or beyond the batch sizes the paths were chosen for) than a batch-64
+# request's per-view call (docs/engine.md).
 VIEW_ROWS_PER_CALL = BATCH_BUCKETS[-1]
 _EXPORT_LOCK = threading.Lock()
 # Above this share of nonzero weights a CSR GEMM over unfolded patches never beat oneDNN's dense
