@@ -28,6 +28,8 @@ are not touched.
         --keep 0.1 --steps 600 --bn-weights 1 --decay-scales 0 2    # learned BN weights, phase-2 weight decay
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --lr-schedules hold    # peak lr while pruning, decay over the fixed-mask fine-tune
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.1 --steps 600 --batch-seed 1         # the default again, other batches: run-to-run spread
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ def main() -> None:
                    help="weight variants: first prune and fine-tune to this keep (reported too), then prune that "
                         "network on to --keep with the same settings, the schedule falling from this keep")
     p.add_argument("--ranking-images", type=int, default=2000, help="labelled training images for taylor")
+    p.add_argument("--batch-seed", type=int, default=0,
+                   help="seed of phase 2's batches and augmentation (weight variants; another value measures "
+                        "how far one setting's result moves with the data order alone)")
     p.add_argument("--baseline", help="a shipped checkpoint of the same seed to report alongside "
                                       "(e.g. models/variants/channel-keep0.625-ft.safetensors: 300 steps)")
     args = p.parse_args()
@@ -175,8 +180,8 @@ def main() -> None:
                            teacher=distiller, masks=masks, channel_scores=scores[ranking], channel_ramp=ramp)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
             prune_weights = functools.partial(prune_finetune, model, train_x, train_y, cfg=run_cfg,
-                                              pcfg=replace(pcfg, criterion=ranking), seed=0, teacher=distiller,
-                                              floor=0.002)
+                                              pcfg=replace(pcfg, criterion=ranking), seed=args.batch_seed,
+                                              teacher=distiller, floor=0.002)
             start = 1.0
             if args.chain_from is not None:
                 prune_weights(args.chain_from)
