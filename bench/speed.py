@@ -194,10 +194,9 @@ def view_stacking(loaded: list, batches: list[int], level: int, repeats: int, se
     out: dict = {"level": level, "views": TTA_VIEWS[level], "rows_per_call": VIEW_ROWS_PER_CALL, "variants": {}}
     for entry, _, net in loaded:
         figures = out["variants"][entry["name"]] = {}
+        runs = {way: functools.partial(_infer_tta, net, level=level, rows_per_call=rows) for way, rows in ways.items()}
         for batch in batches:
             x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-            runs = {way: functools.partial(_infer_tta, net, level=level, rows_per_call=rows)
-                    for way, rows in ways.items()}
             for run in runs.values():
                 run(x)  # warm-up
             samples: dict[str, list[float]] = {way: [] for way in ways}

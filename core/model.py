@@ -234,8 +234,6 @@ def _view_logits(forward: Callable[[Tensor], Tensor], views: list[Tensor], rows_
     of one row cost 1.9-3.4x one call of six on 2 CPU cores (docs/engine.md)."""
     n = views[0].shape[0]
     per_call = max(1, rows_per_call // max(1, n))
-    if per_call == 1:
-        return [forward(v) for v in views]
     logits: list[Tensor] = []
     for i in range(0, len(views), per_call):
         group = views[i:i + per_call]

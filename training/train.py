@@ -108,7 +108,8 @@ class PruneConfig:
     # Learning rate after the 5 % warm-up: "linear" decays to zero over all the steps; "hold" stays at the
     # peak while the mask still changes (the pruning ramp, or a channel ramp) and decays to zero over the
     # fixed-mask fine-tune only, as learning-rate rewinding (Renda et al. 2020) retrains at a high rate.
-    # "hold" lost 0.22 points at keep 0.1 on validation (docs/training.md).
+    # "hold" lost 0.22 points at keep 0.1 on validation, one run, inside the 0.66 that the batch seed alone
+    # moved the default (docs/training.md).
     lr_schedule: str = "linear"
 
     def to_dict(self) -> dict:
