@@ -30,6 +30,8 @@ are not touched.
         --keep 0.1 --steps 600 --lr-schedules hold    # peak lr while pruning, decay over the fixed-mask fine-tune
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --batch-seed 1         # the default again, other batches: run-to-run spread
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.1 --steps 600 --prune-shares 0.5 0.75 --batch-seeds 0 1 2   # a lever, paired over 3 data orders
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import argparse
 import copy
 import functools
 import itertools
+import statistics
 import time
 from dataclasses import replace
 
@@ -116,9 +119,11 @@ def main() -> None:
                    help="weight variants: first prune and fine-tune to this keep (reported too), then prune that "
                         "network on to --keep with the same settings, the schedule falling from this keep")
     p.add_argument("--ranking-images", type=int, default=2000, help="labelled training images for taylor")
-    p.add_argument("--batch-seed", type=int, default=0,
-                   help="seed of phase 2's batches and augmentation (weight variants; another value measures "
-                        "how far one setting's result moves with the data order alone)")
+    p.add_argument("--batch-seeds", "--batch-seed", type=int, nargs="+", default=[0],
+                   help="seeds of phase 2's batches and augmentation; every setting runs once per seed, and with "
+                        "several the summary gives each setting's mean ± std and its paired difference from the "
+                        "first setting (same seed, same batches): a lever is only established above the spread "
+                        "the data order alone causes")
     p.add_argument("--baseline", help="a shipped checkpoint of the same seed to report alongside "
                                       "(e.g. models/variants/channel-keep0.625-ft.safetensors: 300 steps)")
     args = p.parse_args()
@@ -163,11 +168,13 @@ def main() -> None:
         recalibrate_bn(model, calib, precision=precision)
         return accuracy(model, val_x, val_y, precision=precision)
 
-    distiller = Teacher(teacher)  # every run draws the same batches: the teacher's logits are computed once
+    distiller = Teacher(teacher)  # runs of one batch seed draw the same batches: their teacher logits are computed once
+    results: dict[str, dict[int, float]] = {}  # setting → batch seed → validation accuracy
     for (allocation, ranking, steps, distill, gate_lr, share, ema, tta, ramp, temperature, smoothing, bn, decay,
-         schedule) in itertools.product(allocations, rankings, args.steps, args.distill, gate_lrs, shares,
-                                        args.lookahead, args.teacher_tta, ramps, args.temperatures, args.smoothing,
-                                        args.bn_weights, args.decay_scales, args.lr_schedules):
+         schedule, batch_seed) in itertools.product(allocations, rankings, args.steps, args.distill, gate_lrs, shares,
+                                                    args.lookahead, args.teacher_tta, ramps, args.temperatures,
+                                                    args.smoothing, args.bn_weights, args.decay_scales,
+                                                    args.lr_schedules, args.batch_seeds):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
@@ -176,11 +183,11 @@ def main() -> None:
         run_cfg = replace(cfg, label_smoothing=smoothing)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
-            prune_finetune(model, train_x, train_y, args.keep, run_cfg, replace(pcfg, gradual=False), 0,
+            prune_finetune(model, train_x, train_y, args.keep, run_cfg, replace(pcfg, gradual=False), batch_seed,
                            teacher=distiller, masks=masks, channel_scores=scores[ranking], channel_ramp=ramp)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
             prune_weights = functools.partial(prune_finetune, model, train_x, train_y, cfg=run_cfg,
-                                              pcfg=replace(pcfg, criterion=ranking), seed=args.batch_seed,
+                                              pcfg=replace(pcfg, criterion=ranking), seed=batch_seed,
                                               teacher=distiller, floor=0.002)
             start = 1.0
             if args.chain_from is not None:
@@ -192,29 +199,54 @@ def main() -> None:
                 start = args.chain_from
             masks = prune_weights(args.keep, start_keep=start)
             final_masks[(ranking, steps, distill, gate_lr, share, ema, tta, temperature, smoothing, bn,
-                         decay, schedule)] = flat_mask(masks)
+                         decay, schedule, batch_seed)] = flat_mask(masks)
         val = validation(model)
         gates = "" if args.granularity != "weight" else (
             f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}"
             + ("" if args.chain_from is None else f", chained from keep {args.chain_from:g}"))
         shape = f", {allocation} widths, ramp {ramp:g}" if args.granularity == "channel" else ""
-        print(f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
-              f"distill {distill:g} at temperature {temperature:g}, label smoothing {smoothing:g}, "
-              f"BN weights {'learned' if bn else 'frozen'}, weight decay ×{decay:g}, {schedule} lr"
-              f" (teacher TTA {tta})"
-              f"{gates}: validation {val:.2f} % (drop {dense_val - val:.2f}) in {time.perf_counter() - began:.0f} s",
-              flush=True)
+        setting = (f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
+                   f"distill {distill:g} at temperature {temperature:g}, label smoothing {smoothing:g}, "
+                   f"BN weights {'learned' if bn else 'frozen'}, weight decay ×{decay:g}, {schedule} lr"
+                   f" (teacher TTA {tta}){gates}")
+        results.setdefault(setting, {})[batch_seed] = val
+        print(f"{setting}, batch seed {batch_seed}: validation {val:.2f} % (drop {dense_val - val:.2f}) "
+              f"in {time.perf_counter() - began:.0f} s", flush=True)
+    if len(args.batch_seeds) > 1:
+        print(seed_summary(results, dense_val), flush=True)
     if final_masks:  # how much the survivors depend on the gates (and on the schedule) at all
         reference = flat_mask(topk_masks(importance(teacher, "magnitude"), args.keep, floor=0.002))
         runs = list(final_masks.items())
         for i, (setting, mask) in enumerate(runs):
             overlap = (mask & reference).sum().item() / reference.sum().item()
             print(f"survivors of (criterion, steps, distill, gate lr, share, lookahead, teacher TTA, temperature, "
-                  f"label smoothing, BN weights, decay scale, lr schedule) = {setting}: "
+                  f"label smoothing, BN weights, decay scale, lr schedule, batch seed) = {setting}: "
                   f"share also in one-shot |W| top-K {overlap:.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:
                 print(f"  ... also in {other}'s: {(mask & other_mask).sum().item() / mask.sum().item():.3f}",
                       flush=True)
+
+
+def seed_summary(results: dict[str, dict[int, float]], dense_val: float) -> str:
+    """Per setting: validation mean ± std over the batch seeds and the drop; from the second setting on,
+    the paired difference from the first (same seeds, hence the same batches): mean ± std of the
+    per-seed differences, which cancels the part of the spread the two settings share."""
+    settings = list(results)
+    first = results[settings[0]]
+    lines = ["over batch seeds (validation %, mean ± sample std; paired: this setting minus the first, seed by seed):"]
+    for setting in settings:
+        values = results[setting]
+        mean = statistics.fmean(values.values())
+        spread = statistics.stdev(values.values()) if len(values) > 1 else 0.0
+        line = (f"  {setting}: {mean:.2f} ± {spread:.2f} (drop {dense_val - mean:.2f}) over seeds "
+                + ", ".join(f"{seed}: {v:.2f}" for seed, v in values.items()))
+        if setting is not settings[0]:
+            deltas = [values[seed] - first[seed] for seed in values if seed in first]
+            if deltas:
+                line += (f"; paired {statistics.fmean(deltas):+.2f}"
+                         f" ± {statistics.stdev(deltas) if len(deltas) > 1 else 0.0:.2f} over {len(deltas)} seeds")
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

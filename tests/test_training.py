@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import statistics
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -353,3 +357,19 @@ def test_phase2_lr_schedule_holds_the_peak_while_the_mask_changes() -> None:
     with pytest.raises(ValueError, match="lr schedule"):
         prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8),
                        PruneConfig(steps=1, lr_schedule="cosine"), seed=0)
+
+
+def test_phase2_ablation_summarises_settings_over_batch_seeds_paired_against_the_first() -> None:
+    path = Path(__file__).resolve().parent.parent / "scripts" / "phase2_ablation.py"
+    spec = importlib.util.spec_from_file_location("phase2_ablation", path)
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    results = {"share 0.5": {0: 89.80, 1: 89.00, 2: 89.30}, "share 0.75": {0: 90.20, 1: 89.54, 2: 89.50}}
+    lines = ablation.seed_summary(results, dense_val=90.72).splitlines()
+    assert len(lines) == 3
+    first_mean, second_mean = (statistics.fmean(results[s].values()) for s in results)
+    assert f"share 0.5: {first_mean:.2f} ± {statistics.stdev(results['share 0.5'].values()):.2f}" in lines[1]
+    assert f"(drop {90.72 - first_mean:.2f})" in lines[1] and "paired" not in lines[1]
+    assert f"share 0.75: {second_mean:.2f} ±" in lines[2]
+    deltas = [0.40, 0.54, 0.20]  # seed by seed: the paired difference is their mean ± std
+    assert f"paired {statistics.fmean(deltas):+.2f} ± {statistics.stdev(deltas):.2f} over 3 seeds" in lines[2]
