@@ -240,7 +240,7 @@ def seed_summary(results: dict[str, dict[int, float]], dense_val: float) -> str:
         spread = statistics.stdev(values.values()) if len(values) > 1 else 0.0
         line = (f"  {setting}: {mean:.2f} ± {spread:.2f} (drop {dense_val - mean:.2f}) over seeds "
                 + ", ".join(f"{seed}: {v:.2f}" for seed, v in values.items()))
-        if setting is not settings[0]:
+        if setting != settings[0]:
             deltas = [values[seed] - first[seed] for seed in values if seed in first]
             if deltas:
                 line += (f"; paired {statistics.fmean(deltas):+.2f}"
