@@ -11,6 +11,7 @@ and never pruned; they are counted in ``total`` parameters, not in ``prunable``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -43,6 +44,31 @@ class NetConfig:
         )
 
 
+# Hard-concrete gates (Louizos, Welling & Kingma, "Learning sparse neural networks through L0
+# regularization", ICLR 2018): a binary-concrete sample at temperature HC_BETA, stretched to
+# (HC_LOW, HC_HIGH) and clipped to [0, 1], so a gate is exactly 0 or 1 with non-zero probability and the
+# expected number of non-zero gates is differentiable. The paper's constants.
+HC_BETA, HC_LOW, HC_HIGH = 2 / 3, -0.1, 1.1
+# An open hard-concrete gate passes W·sigmoid(0), what the frozen gates of phase 1 passed: the weights keep
+# their scale and their gradients, so phase 2's learning rates mean the same with either gate.
+HC_OPEN = 0.5
+
+
+def hard_concrete_gate(log_alpha: Tensor, sample: bool) -> Tensor:
+    """The gate for location ``log_alpha``: a random sample (training), or its deterministic value."""
+    if sample:
+        u = torch.rand_like(log_alpha).clamp_(1e-6, 1 - 1e-6)
+        stretched = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / HC_BETA)
+    else:
+        stretched = torch.sigmoid(log_alpha)
+    return (stretched * (HC_HIGH - HC_LOW) + HC_LOW).clamp(0.0, 1.0)
+
+
+def hard_concrete_open(log_alpha: Tensor) -> Tensor:
+    """Probability that the gate is not exactly zero: summed over gates, the expected L0 norm."""
+    return torch.sigmoid(log_alpha - HC_BETA * math.log(-HC_LOW / HC_HIGH))
+
+
 class _Gated:
     """Shared gate logic for GatedConv2d and GatedLinear (mixed into an nn.Conv2d / nn.Linear).
 
@@ -50,22 +76,29 @@ class _Gated:
       * gated (training): ``score`` is a Parameter; weight used = W * sigmoid(S) [* mask].
       * folded (inference): ``score`` is None; ``weight`` already is the effective weight.
     ``mask`` (bool buffer or None) fixes pruned weights at exactly zero. ``train_mask`` is the
-    transient top-K mask used by straight-through training (see training/train.py).
+    transient top-K mask used by straight-through training (see training/train.py). ``hard_concrete``
+    (transient, off outside phase 2's option): S is a hard-concrete location log α and the gate is
+    ``HC_OPEN · hard_concrete_gate(S)``, sampled in training mode, instead of sigmoid(S).
     """
 
     weight: nn.Parameter
     score: nn.Parameter | None
     mask: Tensor | None
     train_mask: Tensor | None
+    hard_concrete: bool
+    training: bool
 
     def _init_gate(self, score_init: float) -> None:
         self.score = nn.Parameter(torch.full_like(self.weight, score_init))
         self.register_buffer("mask", None, persistent=False)  # masks ship folded into weights
         self.train_mask = None
+        self.hard_concrete = False
 
     def gate(self) -> Tensor:
         if self.score is None:
             raise RuntimeError("layer is folded: it has no gate any more")
+        if self.hard_concrete:
+            return HC_OPEN * hard_concrete_gate(self.score, sample=self.training)
         return torch.sigmoid(self.score)
 
     def effective_weight(self) -> Tensor:

@@ -32,6 +32,8 @@ are not touched.
         --keep 0.1 --steps 600 --batch-seed 1         # the default again, other batches: run-to-run spread
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --prune-shares 0.5 0.75 --batch-seeds 0 1 2   # a lever, paired over 3 data orders
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.1 --steps 600 --gate-fns sigmoid hard_concrete --gate-lrs 0.1   # L0 gates on a density budget
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import argparse
 import copy
 import functools
 import itertools
+import logging
 import statistics
 import time
 from dataclasses import replace
@@ -64,7 +67,9 @@ from training.prune import (
     topk_masks,
 )
 from training.train import (
+    HC_RANKS,
     PHASE2_CRITERIA,
+    PHASE2_GATES,
     PHASE2_SCHEDULES,
     PruneConfig,
     Teacher,
@@ -107,6 +112,15 @@ def main() -> None:
     p.add_argument("--lr-schedules", nargs="+", choices=PHASE2_SCHEDULES, default=[PruneConfig().lr_schedule],
                    help="after the warm-up: linear decay over all steps, or hold the peak while the mask "
                         "changes and decay over the fixed-mask fine-tune only")
+    p.add_argument("--gate-fns", nargs="+", choices=PHASE2_GATES, default=[PruneConfig().gate_fn],
+                   help="weight variants: the gates while the mask falls: sigmoid (straight-through top-K of "
+                        "|W·sigmoid(S)|) or hard_concrete (L0 gates on a density budget; the top-K ranks by log α)")
+    p.add_argument("--hc-init", type=float, default=PruneConfig().hc_init,
+                   help="hard_concrete: the log α every gate starts at")
+    p.add_argument("--hc-penalty", type=float, default=PruneConfig().hc_penalty,
+                   help="hard_concrete: strength of the penalty on the expected open share above the schedule")
+    p.add_argument("--hc-ranks", nargs="+", choices=HC_RANKS, default=[PruneConfig().hc_rank],
+                   help="hard_concrete: the final top-K ranks by log α alone, or by |W · deterministic gate|")
     p.add_argument("--rankings", nargs="+", choices=CHANNEL_RANKINGS, default=["mass"],
                    help="channel ranking: weight mass that reads the channel, or first-order Taylor")
     p.add_argument("--allocations", nargs="+", choices=CHANNEL_ALLOCATIONS, default=["uniform"],
@@ -127,6 +141,7 @@ def main() -> None:
     p.add_argument("--baseline", help="a shipped checkpoint of the same seed to report alongside "
                                       "(e.g. models/variants/channel-keep0.625-ft.safetensors: 300 steps)")
     args = p.parse_args()
+    logging.basicConfig(format="  %(message)s", level=logging.INFO)  # phase 2's hard-concrete trace
     device = select_device("auto")
     precision = select_precision("auto", device)
     retain_freed_memory(large_buffers=True)  # as prune-train: no page faults per step (core/hardware.py)
@@ -162,6 +177,7 @@ def main() -> None:
     final_masks = {}
     shares = args.prune_shares if args.granularity == "weight" else [PruneConfig().prune_share]
     ramps = args.channel_ramps if args.granularity == "channel" else [0.0]
+    gate_fns = args.gate_fns if args.granularity == "weight" else [PruneConfig().gate_fn]
 
     def validation(model: torch.nn.Module) -> float:
         """Validation accuracy after re-estimating BN on the calibration images, as prune-train does."""
@@ -170,16 +186,18 @@ def main() -> None:
 
     distiller = Teacher(teacher)  # runs of one batch seed draw the same batches: their teacher logits are computed once
     results: dict[str, dict[int, float]] = {}  # setting → batch seed → validation accuracy
-    for (allocation, ranking, steps, distill, gate_lr, share, ema, tta, ramp, temperature, smoothing, bn, decay,
-         schedule, batch_seed) in itertools.product(allocations, rankings, args.steps, args.distill, gate_lrs, shares,
-                                                    args.lookahead, args.teacher_tta, ramps, args.temperatures,
-                                                    args.smoothing, args.bn_weights, args.decay_scales,
-                                                    args.lr_schedules, args.batch_seeds):
+    gate_settings = [(fn, rank) for fn in gate_fns for rank in (args.hc_ranks if fn == "hard_concrete" else ["-"])]
+    for (allocation, ranking, steps, distill, (gate_fn, hc_rank), gate_lr, share, ema, tta, ramp, temperature,
+         smoothing, bn, decay, schedule, batch_seed) in itertools.product(
+            allocations, rankings, args.steps, args.distill, gate_settings, gate_lrs, shares, args.lookahead,
+            args.teacher_tta, ramps, args.temperatures, args.smoothing, args.bn_weights, args.decay_scales,
+            args.lr_schedules, args.batch_seeds):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
                        lookahead=bool(ema), teacher_tta=tta, temperature=temperature, bn_weights=bool(bn),
-                       decay_scale=decay, lr_schedule=schedule)
+                       decay_scale=decay, lr_schedule=schedule, gate_fn=gate_fn, hc_init=args.hc_init,
+                       hc_penalty=args.hc_penalty, hc_rank=PruneConfig().hc_rank if hc_rank == "-" else hc_rank)
         run_cfg = replace(cfg, label_smoothing=smoothing)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
@@ -198,11 +216,16 @@ def main() -> None:
                 bake_masks(model)
                 start = args.chain_from
             masks = prune_weights(args.keep, start_keep=start)
-            final_masks[(ranking, steps, distill, gate_lr, share, ema, tta, temperature, smoothing, bn,
-                         decay, schedule, batch_seed)] = flat_mask(masks)
+            final_masks[(ranking, steps, distill, gate_fn, hc_rank, gate_lr, share, ema, tta, temperature,
+                         smoothing, bn, decay, schedule, batch_seed)] = flat_mask(masks)
+            print("  kept per layer: " + ", ".join(f"{name} {mask.float().mean().item():.3f}"
+                                                   for name, mask in masks.items()), flush=True)
         val = validation(model)
         gates = "" if args.granularity != "weight" else (
-            f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}"
+            f", {gate_fn} gates"
+            + ("" if gate_fn == "sigmoid"
+               else f" (log α from {args.hc_init:g}, penalty {args.hc_penalty:g}, ranked by {hc_rank})")
+            + f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}"
             + ("" if args.chain_from is None else f", chained from keep {args.chain_from:g}"))
         shape = f", {allocation} widths, ramp {ramp:g}" if args.granularity == "channel" else ""
         setting = (f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
@@ -219,8 +242,9 @@ def main() -> None:
         runs = list(final_masks.items())
         for i, (setting, mask) in enumerate(runs):
             overlap = (mask & reference).sum().item() / reference.sum().item()
-            print(f"survivors of (criterion, steps, distill, gate lr, share, lookahead, teacher TTA, temperature, "
-                  f"label smoothing, BN weights, decay scale, lr schedule, batch seed) = {setting}: "
+            print(f"survivors of (criterion, steps, distill, gates, hard-concrete rank, gate lr, share, lookahead, "
+                  f"teacher TTA, temperature, label smoothing, BN weights, decay scale, lr schedule, batch seed) = "
+                  f"{setting}: "
                   f"share also in one-shot |W| top-K {overlap:.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:
                 print(f"  ... also in {other}'s: {(mask & other_mask).sum().item() / mask.sum().item():.3f}",

@@ -11,11 +11,20 @@ import torch
 from torch import Tensor, nn
 
 from core.hardware import Capabilities, describe, select_device, select_precision
-from core.model import TTA_LEVELS, GatedNet, NetConfig, tta_logits, tta_logits_by_level
+from core.model import (
+    TTA_LEVELS,
+    GatedNet,
+    NetConfig,
+    hard_concrete_gate,
+    hard_concrete_open,
+    tta_logits,
+    tta_logits_by_level,
+)
 from tests.conftest import tiny_model
 from training.prune import check_keep
 from training.train import (
     PHASE2_SCHEDULES,
+    L0Budget,
     PruneConfig,
     Teacher,
     TrainConfig,
@@ -25,6 +34,8 @@ from training.train import (
     _sgd,
     accuracy,
     accuracy_by_level,
+    enter_hard_concrete,
+    leave_hard_concrete,
     predict_logits,
     predict_logits_by_level,
     prepare,
@@ -135,6 +146,7 @@ def test_phase1_with_frozen_gates_leaves_scores_and_trains_weights() -> None:
                                   PruneConfig(steps=6, gradual=True, gate_lr=0.05, criterion="lamp"),
                                   PruneConfig(steps=10, gradual=True, gate_lr=0.05, lookahead=True),
                                   PruneConfig(steps=6, gradual=True, gate_lr=0.05, teacher_tta=1),
+                                  PruneConfig(steps=6, gradual=True, gate_lr=0.05, gate_fn="hard_concrete"),
                                   PruneConfig(steps=6, gradual=False)])
 def test_phase2_ends_at_exactly_k_weights_and_distills(pcfg: PruneConfig) -> None:
     torch.manual_seed(0)
@@ -289,6 +301,107 @@ def test_phase2_refuses_a_criterion_it_cannot_rank_by() -> None:
     with pytest.raises(ValueError, match="phase 2 ranks by"):
         prune_finetune(model, torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)), 0.5, TrainConfig(batch_size=8),
                        PruneConfig(steps=1, criterion="random"), seed=0)
+    with pytest.raises(ValueError, match="phase 2's gates are one of"):
+        prune_finetune(model, torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)), 0.5, TrainConfig(batch_size=8),
+                       PruneConfig(steps=1, gate_fn="relu"), seed=0)
+    with pytest.raises(ValueError, match="gate learning rate above 0"):
+        prune_finetune(model, torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)), 0.5, TrainConfig(batch_size=8),
+                       PruneConfig(steps=1, gate_fn="hard_concrete", gate_lr=0), seed=0)
+    with pytest.raises(ValueError, match="hard-concrete gates rank by"):
+        prune_finetune(model, torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)), 0.5, TrainConfig(batch_size=8),
+                       PruneConfig(steps=1, gate_fn="hard_concrete", hc_rank="magnitude"), seed=0)
+
+
+def test_hard_concrete_gates_are_exactly_zero_or_one_as_often_as_their_open_probability_says() -> None:
+    torch.manual_seed(0)
+    locations = torch.tensor([-6.0, -2.0, 0.0, 2.0, 6.0])
+    samples = hard_concrete_gate(locations.repeat(40_000, 1), sample=True)
+    assert samples.min() >= 0 and samples.max() <= 1
+    assert (samples[:, 2] == 0).any() and (samples[:, 2] == 1).any()  # both ends are reached
+    assert torch.allclose((samples > 0).float().mean(0), hard_concrete_open(locations), atol=0.01)
+    assert hard_concrete_gate(locations, sample=False).tolist()[0] == 0.0  # deterministic: closed ...
+    assert hard_concrete_gate(locations, sample=False).tolist()[-1] == 1.0  # ... and open
+
+
+def test_hard_concrete_gates_come_and_go_without_changing_the_deterministic_network() -> None:
+    model = tiny_model()
+
+    def weights() -> dict[str, Tensor]:
+        return {name: layer.effective_weight().detach().clone() for name, layer in model.gated_layers()}
+
+    before = weights()  # sigmoid gates of spread scores
+    enter_hard_concrete(model, 3.0)
+    assert all(layer.hard_concrete for _, layer in model.gated_layers())
+    assert all(torch.allclose(w, before[n], atol=1e-6) for n, w in weights().items())  # open gates: the same
+    with torch.no_grad():
+        for _, layer in model.gated_layers():
+            layer.score.normal_(0, 2)  # some gates partly open, some closed
+    hard = weights()
+    assert sum(int((w == 0).sum()) for w in hard.values()) > 0
+    model.train()  # sampled gates differ from the deterministic ones
+    assert any(not torch.equal(w, hard[n]) for n, w in weights().items())
+    model.eval()
+    leave_hard_concrete(model)
+    assert all(not layer.hard_concrete and not layer.score.any() for _, layer in model.gated_layers())
+    assert all(torch.allclose(w, hard[n], atol=1e-6) for n, w in weights().items())
+
+
+def test_the_l0_budget_pushes_gates_shut_only_while_the_open_share_is_above_schedule() -> None:
+    model = tiny_model()
+    enter_hard_concrete(model, 3.0)
+    budget = L0Budget(model, strength=100.0)
+    budget.penalty(1.0).backward()
+    assert 0.98 < budget.open_share < 1  # below the schedule: no penalty, no push
+    assert all(not layer.score.grad.any() for _, layer in model.gated_layers())
+    penalty = budget.penalty(0.5)
+    assert penalty.item() == pytest.approx(50.0 * budget.total * (budget.open_share - 0.5) ** 2, rel=1e-4)
+    penalty.backward()  # above it: every log α is pushed down
+    assert all((layer.score.grad > 0).all() for _, layer in model.gated_layers())
+
+
+@pytest.mark.parametrize("hc_rank", ["log_alpha", "effective"])
+def test_phase2_hard_concrete_gates_choose_the_final_mask(monkeypatch: pytest.MonkeyPatch, hc_rank: str) -> None:
+    """L0 gates while the mask falls: the expected open share follows the schedule down, the final top-K is
+    the top-K of log α (or of |W · deterministic gate|), and what remains is an ordinary sigmoid-gated
+    network; the run repeats exactly."""
+    import training.train as train_module
+    from training.prune import importance, topk_masks
+
+    by_rank, open_shares = [], []
+    leave = train_module.leave_hard_concrete
+    penalty = train_module.L0Budget.penalty
+
+    def record_then_leave(model: GatedNet) -> None:
+        model.eval()  # deterministic gates
+        criterion = "gate" if hc_rank == "log_alpha" else "gate_magnitude"
+        by_rank.append(topk_masks(importance(model, criterion), 0.2, floor=0.002))
+        model.train()
+        leave(model)
+
+    def record_penalty(self: L0Budget, target_share: float) -> Tensor:
+        value = penalty(self, target_share)
+        open_shares.append(self.open_share)
+        return value
+
+    monkeypatch.setattr(train_module, "leave_hard_concrete", record_then_leave)
+    monkeypatch.setattr(train_module.L0Budget, "penalty", record_penalty)
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    pcfg = PruneConfig(steps=40, gate_lr=0.5, gate_fn="hard_concrete", hc_rank=hc_rank)
+    runs = []
+    for _ in range(2):
+        model, teacher = tiny_model(), tiny_model(1)
+        masks = prune_finetune(model, images, labels, 0.2, TrainConfig(batch_size=8), pcfg, seed=0, teacher=teacher,
+                               floor=0.002)
+        runs.append((masks, model.state_dict()))
+        assert all(torch.equal(masks[n], by_rank[-1][n]) for n in masks)
+        for name, layer in model.gated_layers():
+            assert not layer.hard_concrete and not layer.score.any()
+            assert not layer.effective_weight()[~masks[name]].any()
+    assert len(open_shares) == 2 * 20  # the gradual half of each run
+    assert open_shares[19] < open_shares[0] - 0.1  # the budget closed gates
+    (first, first_state), (second, second_state) = runs
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert all(torch.equal(first_state[k], second_state[k]) for k in first_state)
 
 
 def test_tta_levels() -> None:

@@ -18,6 +18,7 @@ survivors fine-tune to convergence, distilled from the dense network's logits on
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -29,12 +30,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.hardware import autocast
-from core.model import GatedNet, tta_logits, tta_logits_by_level
-from training.prune import channel_masks, lamp, prune
+from core.model import HC_OPEN, GatedNet, hard_concrete_gate, hard_concrete_open, tta_logits, tta_logits_by_level
+from training.prune import channel_masks, importance, lamp, prune, topk_masks
+
+log = logging.getLogger(__name__)
 
 GATE_METHODS = ("frozen", "st_topk", "penalty", "none")
 PHASE2_CRITERIA = ("gate_magnitude", "lamp")
 PHASE2_SCHEDULES = ("linear", "hold")
+PHASE2_GATES = ("sigmoid", "hard_concrete")
+HC_RANKS = ("log_alpha", "effective")
 # Bumped whenever a code change alters what training produces for the same flags, so that a work dir
 # made by older code is refused instead of mixed in (prune-train records it with the flags).
 # 2: whitening samples its 5,000 images at random instead of taking the first ones.
@@ -110,6 +115,20 @@ class PruneConfig:
     # "hold" lost 0.22 points at keep 0.1 on validation, one run, inside the 0.66 that the batch seed alone
     # moved the default (docs/training.md).
     lr_schedule: str = "linear"
+    # The gates while the mask falls: "sigmoid" (W·sigmoid(S) under the straight-through top-K of
+    # |W·sigmoid(S)|) or "hard_concrete" (L0 gates, Louizos et al. 2018: S becomes the location log α of a
+    # stochastic gate, sampled every step; a penalty holds the expected share of open gates down to the
+    # cubic schedule, and when the mask is fixed the top-K ranks by log α alone: the gate decides).
+    gate_fn: str = "sigmoid"
+    # hard_concrete: the log α every gate starts at. 3 is open (deterministic gate 1, the dense network
+    # unchanged) and sampled below 1 on about a fifth of the steps.
+    hc_init: float = 3.0
+    # hard_concrete: strength of the penalty on the expected open share above the schedule (L0Budget). At
+    # 100 an excess of 0.001 pushes a gate about as hard as the loss does (1e-3–2e-2 per log α at batch 1024).
+    hc_penalty: float = 100.0
+    # hard_concrete: what the final top-K ranks: "log_alpha" (the gate alone) or "effective" (|W · the
+    # deterministic gate|, magnitude and gate together, as gate_magnitude ranks with sigmoid gates).
+    hc_rank: str = "log_alpha"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -484,6 +503,50 @@ class Teacher:
         return self._logits[key]
 
 
+# ---------------------------------------------------------------------------------------------
+# Hard-concrete (L0) gates while phase 2 prunes (PruneConfig.gate_fn = "hard_concrete")
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def enter_hard_concrete(model: GatedNet, log_alpha: float) -> None:
+    """Every gate becomes a hard-concrete gate at location ``log_alpha``; the sigmoid gate so far is folded
+    into W (over HC_OPEN), so with open gates the deterministic network is the one before."""
+    for _, layer in model.gated_layers():
+        layer.weight.mul_(layer.gate() / HC_OPEN)
+        layer.score.fill_(log_alpha)
+        layer.hard_concrete = True
+
+
+@torch.no_grad()
+def leave_hard_concrete(model: GatedNet) -> None:
+    """Back to sigmoid gates at S = 0 (gate HC_OPEN), each gate's deterministic hard-concrete value folded
+    into W: the deterministic network is unchanged, and checkpoints, folding and fine-tuning work as ever."""
+    for _, layer in model.gated_layers():
+        layer.weight.mul_(hard_concrete_gate(layer.score, sample=False))
+        layer.score.zero_()
+        layer.hard_concrete = False
+
+
+class L0Budget:
+    """Holds the hard-concrete gates' expected open share down to the schedule: a one-sided quadratic
+    penalty ``strength/2 · N · max(0, open share − scheduled share)²`` on N gates, so every gate's log α
+    feels ``strength · excess ·`` its own probability density while the share is above schedule, and
+    nothing once it is not. (A Lagrange multiplier raised by dual ascent was tried first: the gates,
+    started alike and moved alike by Adam, close together, and the multiplier drained too slowly to stop
+    them; the open share fell to 0.05 while the schedule stood at 0.37.)"""
+
+    def __init__(self, model: GatedNet, strength: float) -> None:
+        self.scores = [layer.score for _, layer in model.gated_layers()]
+        self.total = sum(s.numel() for s in self.scores)
+        self.strength = strength
+        self.open_share = 1.0
+
+    def penalty(self, target_share: float) -> Tensor:
+        expected = sum(hard_concrete_open(s).sum() for s in self.scores)
+        self.open_share = expected.item() / self.total
+        excess = (expected / self.total - target_share).clamp_min(0.0)
+        return 0.5 * self.strength * self.total * excess ** 2
+
+
 CHANNEL_RAMP_EVERY = 10  # steps between width updates while channel variants narrow gradually
 
 
@@ -532,6 +595,10 @@ def prune_finetune(
     model is already pruned to that share (its pruned weights zero, no masks installed; see
     ``bake_masks``) and the gradual schedule falls from there instead of from 1.
 
+    ``pcfg.gate_fn`` "hard_concrete" (gradual, gates learning): instead of straight-through masks, every
+    gate is a hard-concrete sample of its log α while the mask falls, the expected open share held down
+    to the schedule by ``L0Budget``; the fixed top-K ranks by log α, then the gates go back to sigmoid ones.
+
     ``teacher``: the dense network to distil from; pass one ``Teacher`` to every run of a sweep to
     compute its logits once (a plain module gets a Teacher of its own).
     """
@@ -539,6 +606,12 @@ def prune_finetune(
         raise ValueError(f"phase 2 ranks by one of {', '.join(PHASE2_CRITERIA)}, not {pcfg.criterion!r}")
     if pcfg.lr_schedule not in PHASE2_SCHEDULES:
         raise ValueError(f"phase 2's lr schedule is one of {', '.join(PHASE2_SCHEDULES)}, not {pcfg.lr_schedule!r}")
+    if pcfg.gate_fn not in PHASE2_GATES:
+        raise ValueError(f"phase 2's gates are one of {', '.join(PHASE2_GATES)}, not {pcfg.gate_fn!r}")
+    if pcfg.hc_rank not in HC_RANKS:
+        raise ValueError(f"hard-concrete gates rank by one of {', '.join(HC_RANKS)}, not {pcfg.hc_rank!r}")
+    if pcfg.gate_fn == "hard_concrete" and masks is None and pcfg.gradual and pcfg.gate_lr <= 0:
+        raise ValueError("hard-concrete gates are learned: give them a gate learning rate above 0")
     device = images.device
     generator = torch.Generator().manual_seed(seed + 7919)
     if teacher is not None and not isinstance(teacher, Teacher):
@@ -561,6 +634,25 @@ def prune_finetune(
 
     fixed_from = int(pcfg.prune_share * pcfg.steps) if (masks is None and pcfg.gradual) else 0
     ramp_until = int(channel_ramp * pcfg.steps) if (masks is not None and channel_scores is not None) else 0
+    budget = None
+    if learn_gates and pcfg.gate_fn == "hard_concrete" and fixed_from > 0:
+        torch.manual_seed(seed + 104729)  # the gates' noise: the same run repeats exactly
+        enter_hard_concrete(model, pcfg.hc_init)
+        budget = L0Budget(model, pcfg.hc_penalty)
+
+    def fix_mask() -> dict[str, Tensor]:
+        """The final top-K, installed: after hard-concrete gates by ``pcfg.hc_rank``, else by ``pcfg.criterion``."""
+        model.set_train_masks(None)
+        if budget is None:
+            return prune(model, pcfg.criterion, keep, scope, floor, seed)
+        model.eval()  # the deterministic gates, not samples
+        final = topk_masks(importance(model, "gate" if pcfg.hc_rank == "log_alpha" else "gate_magnitude"),
+                           keep, scope, floor)
+        model.train()
+        leave_hard_concrete(model)
+        model.set_masks(final)
+        return final
+
     if masks is not None:
         model.set_masks(masks if ramp_until == 0 else None)
     elif fixed_from == 0:
@@ -568,8 +660,7 @@ def prune_finetune(
     model.train()
     for step in range(pcfg.steps):
         if step == fixed_from and masks is None:
-            model.set_train_masks(None)
-            masks = prune(model, pcfg.criterion, keep, scope, floor, seed)
+            masks = fix_mask()
             if score_optimizer is not None:  # the mask is final: the scores have done their work
                 for s in scores:
                     s.requires_grad_(False)
@@ -581,8 +672,9 @@ def prune_finetune(
             model.set_masks(masks)
         if step < fixed_from:
             share = _kept_share(step, fixed_from, keep, 1.0, start_keep)
-            rank = "lamp" if pcfg.criterion == "lamp" else "effective"
-            model.set_train_masks(sampled_train_masks(model, share, rank) if share < 1.0 else None)
+            if budget is None:
+                rank = "lamp" if pcfg.criterion == "lamp" else "effective"
+                model.set_train_masks(sampled_train_masks(model, share, rank) if share < 1.0 else None)
         factor = _phase2_lr_factor(step, pcfg.steps, max(fixed_from, ramp_until) if pcfg.lr_schedule == "hold" else 0)
         optimizers = [o for o in (optimizer, score_optimizer) if o is not None]
         for opt in optimizers:
@@ -597,7 +689,12 @@ def prune_finetune(
                        cfg.translate, cfg.precision)
                 teacher_logits = teacher.logits(batch, key, pcfg.teacher_tta)
             loss = _distill_loss(model(batch), teacher_logits, labels[idx], cfg, pcfg)
+        hard_concrete = budget is not None and step < fixed_from
+        if hard_concrete:
+            loss = loss + budget.penalty(share)
         _step(loss, optimizers, scaler)
+        if hard_concrete and step % 25 == 0:
+            log.info("step %d: expected open share %.4f (scheduled %.4f)", step, budget.open_share, share)
         if lookahead is not None:
             lookahead.after_step(model, step + 1, pcfg.steps)
     if lookahead is not None:
@@ -605,8 +702,8 @@ def prune_finetune(
     model.set_train_masks(None)
     if ramp_until >= pcfg.steps:  # the ramp never reached its end
         model.set_masks(masks)
-    if masks is None:  # zero steps asked for
-        masks = prune(model, pcfg.criterion, keep, scope, floor, seed)
+    if masks is None:  # zero steps asked for, or the mask fell over all of them
+        masks = fix_mask()
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
