@@ -33,7 +33,7 @@ are not touched.
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --prune-shares 0.5 0.75 --batch-seeds 0 1 2   # a lever, paired over 3 data orders
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
-        --keep 0.1 --steps 600 --gate-fns sigmoid hard_concrete --gate-lrs 0.1   # L0 gates on a density budget
+        --keep 0.1 --steps 600 --gate-fns hard_concrete --gate-lrs 0.05 --hc-ranks log_alpha effective  # L0 gates
 """
 
 from __future__ import annotations
