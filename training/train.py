@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from core.hardware import autocast
 from core.model import HC_OPEN, GatedNet, hard_concrete_gate, hard_concrete_open, tta_logits, tta_logits_by_level
-from training.prune import channel_masks, importance, lamp, prune, topk_masks
+from training.prune import channel_masks, lamp, prune
 
 log = logging.getLogger(__name__)
 
@@ -648,11 +648,9 @@ def prune_finetune(
         if budget is None:
             return prune(model, pcfg.criterion, keep, scope, floor, seed)
         model.eval()  # the deterministic gates, not samples
-        final = topk_masks(importance(model, "gate" if pcfg.hc_rank == "log_alpha" else "gate_magnitude"),
-                           keep, scope, floor)
+        final = prune(model, "gate" if pcfg.hc_rank == "log_alpha" else "gate_magnitude", keep, scope, floor, seed)
         model.train()
-        leave_hard_concrete(model)
-        model.set_masks(final)
+        leave_hard_concrete(model)  # the installed masks stay valid: W and S change, their shapes do not
         return final
 
     if masks is not None:
