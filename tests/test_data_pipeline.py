@@ -230,6 +230,52 @@ def test_same_seed_same_numbers(image_folder: Path, tmp_path: Path) -> None:
     assert a["sweep"] == b["sweep"]
 
 
+def test_a_run_cut_inside_a_fine_tune_resumes_at_its_last_save(image_folder: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session that ends mid fine-tune (half an hour of CPU each) costs at most the steps since the last
+    save: the next run resumes there, removes the save once the variant is recorded, and exports what an
+    uncut run exports."""
+
+    import training.train as train_module
+
+    def run(tag: str) -> dict:
+        args = ["--data", str(image_folder), "--out", str(tmp_path / tag), "--work-dir", str(tmp_path / f"w{tag}"),
+                "--seeds", "1", "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
+                "--val-size", "3", "--keeps", "0.1", "--methods", "gate_magnitude", "--prune-steps", "6",
+                "--calib-images", "8", "--precision", "fp32", "--channel-keeps", "0.5", "--channel-steps", "6"]
+        assert prune_train(args) == 0
+        return json.loads((tmp_path / tag / "manifest.json").read_text())
+
+    saves: list[train_module.Phase2Checkpoint] = []
+
+    def every_two_steps(path: Path) -> train_module.Phase2Checkpoint:
+        saves.append(train_module.Phase2Checkpoint(path, every=2))
+        return saves[-1]
+
+    monkeypatch.setattr(pipeline, "Phase2Checkpoint", every_two_steps)
+    uncut = run("a")
+    real_loss, calls = train_module._distill_loss, [0]
+
+    def loss(*args: object, **kwargs: object) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 5:  # step 4 of the first fine-tune, just after its save at step 4
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_distill_loss", loss)
+    with pytest.raises(KeyboardInterrupt):
+        run("b")
+    assert [p.name for p in (tmp_path / "wb" / "seed-0" / "sweep").glob("*.progress.pt")] == [
+        "gate_magnitude-keep0.100-ft.progress.pt"]
+    monkeypatch.setattr(train_module, "_distill_loss", real_loss)
+    saves.clear()
+    resumed = run("b")
+    assert [s.resumed_step for s in saves] == [4, 0]  # the weight fine-tune resumed; the channel one began
+    assert not list((tmp_path / "wb").rglob("*.progress.pt*"))
+    assert [v["sha256"] for v in resumed["variants"]] == [v["sha256"] for v in uncut["variants"]]
+    assert resumed["sweep"] == uncut["sweep"]
+
+
 def test_io_helper_reads_jpeg_bytes() -> None:
     assert Image.open(io.BytesIO(jpeg_bytes((1, 2, 3)))).size == (32, 32)
 

@@ -25,6 +25,7 @@ from training.prune import check_keep
 from training.train import (
     PHASE2_SCHEDULES,
     L0Budget,
+    Phase2Checkpoint,
     PruneConfig,
     Teacher,
     TrainConfig,
@@ -294,6 +295,76 @@ def test_channel_ramp_narrows_gradually_to_the_final_mask(monkeypatch: pytest.Mo
     assert masks is final
     for name, layer in model.gated_layers():
         assert not layer.effective_weight()[~final[name]].any()
+
+
+class _Cut(Exception):
+    """Stands in for a session ending mid-run."""
+
+
+def _phase2_run(monkeypatch: pytest.MonkeyPatch, mode: str, keep: float = 0.2,
+                progress: Phase2Checkpoint | None = None, cut_at_call: int = 0) -> tuple[dict, dict]:
+    """One 20-step phase-2 run of a tiny model in ``mode``; with ``cut_at_call`` the step that makes that
+    call of the loss raises _Cut, as if the process were killed there."""
+    import training.train as train_module
+    from training.prune import channel_masks
+
+    real = train_module._distill_loss
+    calls = [0]
+
+    def loss(*args: object, **kwargs: object) -> Tensor:
+        calls[0] += 1
+        if calls[0] == cut_at_call:
+            raise _Cut
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_distill_loss", loss)
+    images, labels = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(5)), torch.arange(32) % 3
+    model, teacher = tiny_model(), tiny_model(1)
+    pcfg = {"gradual": PruneConfig(steps=20, gate_lr=0.05),
+            "lookahead": PruneConfig(steps=20, gate_lr=0.05, lookahead=True),
+            "hard_concrete": PruneConfig(steps=20, gate_lr=0.5, gate_fn="hard_concrete"),
+            "one_shot": PruneConfig(steps=20, gradual=False),
+            "channel_ramp": PruneConfig(steps=20, gradual=False)}[mode]
+    extra: dict = {}
+    if mode == "channel_ramp":
+        scores = {name: torch.linspace(0, 1, conv.out_channels) for name, conv, _, _ in model.conv_chain()}
+        extra = {"masks": channel_masks(model, 0.5, scores), "channel_scores": scores, "channel_ramp": 0.5}
+    masks = prune_finetune(model, images, labels, keep, TrainConfig(batch_size=8), pcfg, seed=0, teacher=teacher,
+                           floor=0.002, progress=progress, **extra)
+    return masks, model.state_dict()
+
+
+@pytest.mark.parametrize("mode", ["gradual", "lookahead", "hard_concrete", "one_shot", "channel_ramp"])
+@pytest.mark.parametrize(("cut_at_call", "resumed_step"), [(11, 8), (15, 12)])  # the mask is fixed at step 10
+def test_phase2_cut_mid_run_resumes_at_its_last_save_and_ends_bitwise_as_an_uncut_run(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mode: str, cut_at_call: int, resumed_step: int) -> None:
+    reference_masks, reference_state = _phase2_run(monkeypatch, mode)
+    saves = Phase2Checkpoint(tmp_path / "keep0.2.progress.pt", every=4)
+    with pytest.raises(_Cut):
+        _phase2_run(monkeypatch, mode, progress=saves, cut_at_call=cut_at_call)
+    assert saves.path.exists() and saves.resumed_step == 0
+    resumed = Phase2Checkpoint(saves.path, every=4)
+    masks, state = _phase2_run(monkeypatch, mode, progress=resumed)
+    assert resumed.resumed_step == resumed_step and resumed.earlier_seconds > 0
+    assert all(torch.equal(masks[n], reference_masks[n]) for n in reference_masks)
+    assert all(torch.equal(state[k], reference_state[k]) for k in reference_state)
+
+
+def test_phase2_ignores_a_save_made_by_another_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A save from keep 0.2 is not resumed by a keep-0.3 run (which starts at step 0 and ends where an uncut
+    keep-0.3 run ends), nor is a damaged file: both cost their progress, never the run."""
+    saves = Phase2Checkpoint(tmp_path / "p.pt", every=4)
+    with pytest.raises(_Cut):
+        _phase2_run(monkeypatch, "gradual", keep=0.2, progress=saves, cut_at_call=11)
+    reference_masks, reference_state = _phase2_run(monkeypatch, "gradual", keep=0.3)
+    for damage in (None, b"not a checkpoint"):
+        if damage is not None:
+            saves.path.write_bytes(damage)
+        other = Phase2Checkpoint(saves.path, every=4)
+        masks, state = _phase2_run(monkeypatch, "gradual", keep=0.3, progress=other)
+        assert other.resumed_step == 0
+        assert all(torch.equal(masks[n], reference_masks[n]) for n in reference_masks)
+        assert all(torch.equal(state[k], reference_state[k]) for k in reference_state)
 
 
 def test_phase2_refuses_a_criterion_it_cannot_rank_by() -> None:

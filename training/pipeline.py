@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 import statistics
 import subprocess
@@ -38,6 +39,7 @@ from training.train import (
     GATE_METHODS,
     PHASE2_CRITERIA,
     RECIPE_VERSION,
+    Phase2Checkpoint,
     PruneConfig,
     Teacher,
     TrainConfig,
@@ -300,21 +302,24 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
         model.load_state_dict(dense_state)
         model.set_masks(None)
         began = time.perf_counter()
+        progress = Phase2Checkpoint(done.with_suffix(".progress.pt"))  # a cut fine-tune resumes mid-way
         if method is not None:
             prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg, _method_config(method, pcfg),
-                           seed, teacher=teacher, scope=args.scope, floor=args.floor)
+                           seed, teacher=teacher, scope=args.scope, floor=args.floor, progress=progress)
         elif keep < 1.0:
             prune(model, criterion, keep, args.scope, args.floor, seed)
         recalibrate_bn(model, calib, precision=cfg.precision)
         finetuned = method is not None
         row = {"criterion": criterion if keep < 1.0 else "dense", "keep": keep, "finetuned": finetuned,
-               **_evaluate(model, splits, cfg, args.tta), "seconds": round(time.perf_counter() - began, 2)}
+               **_evaluate(model, splits, cfg, args.tta),
+               "seconds": round(time.perf_counter() - began + progress.earlier_seconds, 2)}
         if release and (criterion == args.ship_criterion or keep == 1.0):
             # The release seed's candidates for shipping, written as they come; export picks.
             checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(_shipped_label(args, finetuned),
                                                                                 keep, finetuned),
                                    None if finetuned else base)
         _write_json_atomic(done, row)  # after its checkpoint: a recorded variant always has one
+        progress.path.unlink(missing_ok=True)
         rows.append(row)
     model.set_masks(None)
     result = {"seed": seed, "history": history, "rows": rows, "hardware": hardware,
@@ -344,15 +349,17 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
         model = copy.deepcopy(dense)
         began = time.perf_counter()
         masks = channel_masks(model, keep, scores)
+        progress = Phase2Checkpoint(done.with_suffix(".progress.pt"))
         prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg,
                        replace(pcfg, steps=args.channel_steps, lr=args.channel_lr, gradual=False), seed,
-                       teacher=teacher, masks=masks)
+                       teacher=teacher, masks=masks, progress=progress)
         recalibrate_bn(model, calib, precision=cfg.precision)
         row = {"criterion": "channel", "keep": keep, "finetuned": True, **_evaluate(model, splits, cfg, args.tta),
-               "seconds": round(time.perf_counter() - began, 2)}
+               "seconds": round(time.perf_counter() - began + progress.earlier_seconds, 2)}
         if seed == args.release_seed:
             checkpoint.save_pruned(model, out_dir / _variant_file("channel", keep, True))
         _write_json_atomic(done, row)
+        progress.path.unlink(missing_ok=True)
         rows.append(row)
     return rows
 
@@ -506,6 +513,8 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("training").setLevel(logging.INFO)  # e.g. "phase 2: resumed at step 450 of 600"
     if args.threads:
         torch.set_num_threads(args.threads)
     # A training step's activations come back from the heap instead of fresh mmaps: 1.5x faster steps

@@ -395,8 +395,8 @@ def train(
                 lookahead.updates = start_epoch * steps_per_epoch // Lookahead.EVERY
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
-            generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
+            generator.set_state(state["generator"].cpu())  # map_location moved it to the device
+            torch.set_rng_state(state["torch_rng"].cpu())
             history = [dict(zip(state["history_keys"], row)) for row in state["history"].tolist()]
             start_epoch = int(state["epoch"])
 
@@ -552,6 +552,71 @@ class L0Budget:
 CHANNEL_RAMP_EVERY = 10  # steps between width updates while channel variants narrow gradually
 
 
+@dataclass
+class Phase2Checkpoint:
+    """Where a phase-2 run saves its progress every ``every`` steps, so a run cut mid-variant (a CPU
+    fine-tune takes half an hour) resumes at its last save instead of at step 0, ending bitwise where an
+    uncut run ends. A saved state made with other settings (keep, seed, configs, ranking inputs) is ignored.
+    ``prune_finetune`` fills in ``resumed_step`` and ``earlier_seconds`` (compute spent before, up to that
+    save); the caller deletes ``path`` once the variant's result is recorded."""
+
+    path: Path
+    every: int = 50
+    resumed_step: int = 0
+    earlier_seconds: float = 0.0
+
+
+def _phase2_fingerprint(keep: float, cfg: TrainConfig, pcfg: PruneConfig, seed: int, **inputs: object) -> str:
+    """What a phase-2 run's path depends on, as text: a saved state is resumed only by the run that made it.
+    Tensors are told apart by shape and by the sums of an evenly strided sample (the data set is 0.5 GB)."""
+
+    def describe(t: Tensor) -> tuple:
+        flat = t.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 65536)].double()
+        return tuple(t.shape), f"{sample.sum():.9g}", f"{sample.abs().sum():.9g}"  # rounded: summation order
+
+    described = {k: (sorted((n, *describe(t)) for n, t in v.items()) if isinstance(v, dict) else v)
+                 for k, v in inputs.items()}
+    return repr((keep, seed, cfg.to_dict(), pcfg.to_dict(), sorted(described.items())))
+
+
+def _save_phase2(ckpt: Phase2Checkpoint, step: int, model: GatedNet, masks: dict[str, Tensor] | None,
+                 optimizers: dict[str, torch.optim.Optimizer | None], lookahead: Lookahead | None,
+                 scaler: torch.amp.GradScaler | None, generator: torch.Generator, fingerprint: str,
+                 seconds: float) -> None:
+    state = {
+        "fingerprint": fingerprint, "step": step, "seconds": seconds, "model": model.state_dict(),
+        # Masks are not in the state dict: the installed ones (a fixed top-K, a channel ramp's width) and
+        # the final ones once chosen.
+        "installed": {n: layer.mask for n, layer in model.gated_layers() if layer.mask is not None},
+        "masks": masks if masks is not None else {},
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items() if o is not None},
+        "lookahead": ({"state": lookahead.state, "updates": lookahead.updates} if lookahead is not None else {}),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        # hard-concrete noise on a GPU comes from its own generator
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else torch.empty(0, dtype=torch.uint8),
+    }
+    ckpt.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.path.with_name(ckpt.path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(ckpt.path)  # a run killed mid-write leaves the previous save intact
+
+
+def _load_phase2(ckpt: Phase2Checkpoint, fingerprint: str, device: torch.device) -> dict | None:
+    if not ckpt.path.exists():
+        return None
+    try:
+        state = torch.load(ckpt.path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged save costs its progress, never the run
+        log.warning("phase 2: ignoring unreadable progress file %s (%s)", ckpt.path, exc)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("phase 2: ignoring %s, saved by a run with other settings", ckpt.path)
+        return None
+    return state
+
+
 def _kept_share(step: int, total: int, keep: float, share: float, start: float = 1.0) -> float:
     """Zhu & Gupta's cubic schedule: from ``start`` down to ``keep`` over the first ``share`` of the steps."""
     span = max(1, int(share * total))
@@ -584,6 +649,7 @@ def prune_finetune(
     channel_scores: dict[str, Tensor] | None = None,
     channel_ramp: float = 0.0,
     start_keep: float = 1.0,
+    progress: Phase2Checkpoint | None = None,
 ) -> dict[str, Tensor]:
     """Prune ``model`` to ``keep`` and fine-tune it (phase 2); returns the final masks, installed.
 
@@ -602,7 +668,8 @@ def prune_finetune(
     to the schedule by ``L0Budget``; the fixed top-K ranks by log α, then the gates go back to sigmoid ones.
 
     ``teacher``: the dense network to distil from; pass one ``Teacher`` to every run of a sweep to
-    compute its logits once (a plain module gets a Teacher of its own).
+    compute its logits once (a plain module gets a Teacher of its own). ``progress``: save the run's state
+    every ``progress.every`` steps and resume from a save this same run made (see ``Phase2Checkpoint``).
     """
     if pcfg.criterion not in PHASE2_CRITERIA:
         raise ValueError(f"phase 2 ranks by one of {', '.join(PHASE2_CRITERIA)}, not {pcfg.criterion!r}")
@@ -615,6 +682,14 @@ def prune_finetune(
     if pcfg.gate_fn == "hard_concrete" and masks is None and pcfg.gradual and pcfg.gate_lr <= 0:
         raise ValueError("hard-concrete gates are learned: give them a gate learning rate above 0")
     device = images.device
+    began = time.perf_counter()
+    fingerprint = None
+    if progress is not None:  # of everything the run's path depends on, taken before anything changes
+        start_state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        fingerprint = _phase2_fingerprint(keep, cfg, pcfg, seed, scope=scope, floor=floor, start_keep=start_keep,
+                                          channel_ramp=channel_ramp, masks=masks or {},
+                                          channel_scores=channel_scores or {}, model=start_state,
+                                          data={"images": images, "labels": labels})
     generator = torch.Generator().manual_seed(seed + 7919)
     if teacher is not None and not isinstance(teacher, Teacher):
         teacher = Teacher(teacher)
@@ -657,8 +732,40 @@ def prune_finetune(
         model.set_masks(masks if ramp_until == 0 else None)
     elif fixed_from == 0:
         masks = prune(model, pcfg.criterion, keep, scope, floor, seed)
+    start = 0
+    saved = _load_phase2(progress, fingerprint, device) if progress is not None else None
+    if saved is not None:
+        start = int(saved["step"])
+        model.load_state_dict(saved["model"])
+        model.set_masks(saved["installed"] or None)
+        if saved["masks"]:
+            masks = saved["masks"]
+        if budget is not None:  # hard-concrete gates until the mask was fixed (fix_mask leaves them)
+            for _, layer in model.gated_layers():
+                layer.hard_concrete = masks is None
+        if score_optimizer is not None and masks is not None:  # the mask was fixed before the save
+            for s in scores:
+                s.requires_grad_(False)
+            score_optimizer = None
+        for name, opt in (("sgd", optimizer), ("scores", score_optimizer)):
+            if opt is not None:
+                opt.load_state_dict(saved["optimizers"][name])
+        if lookahead is not None:
+            lookahead.state, lookahead.updates = saved["lookahead"]["state"], saved["lookahead"]["updates"]
+        if scaler is not None and saved["scaler"]:
+            scaler.load_state_dict(saved["scaler"])
+        generator.set_state(saved["generator"].cpu())
+        torch.set_rng_state(saved["torch_rng"].cpu())
+        if saved["cuda_rng"].numel() and device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"].cpu())
+        progress.resumed_step, progress.earlier_seconds = start, float(saved["seconds"])
+        log.info("phase 2: resumed at step %d of %d from %s", start, pcfg.steps, progress.path)
     model.train()
-    for step in range(pcfg.steps):
+    for step in range(start, pcfg.steps):
+        if progress is not None and step > start and step % progress.every == 0:
+            _save_phase2(progress, step, model, masks, {"sgd": optimizer, "scores": score_optimizer}, lookahead,
+                         scaler, generator, fingerprint,
+                         progress.earlier_seconds + time.perf_counter() - began)
         if step == fixed_from and masks is None:
             masks = fix_mask()
             if score_optimizer is not None:  # the mask is final: the scores have done their work
