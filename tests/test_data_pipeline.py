@@ -231,20 +231,27 @@ def test_same_seed_same_numbers(image_folder: Path, tmp_path: Path) -> None:
 
 
 def test_a_run_cut_inside_a_fine_tune_resumes_at_its_last_save(image_folder: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
     """A session that ends mid fine-tune (half an hour of CPU each) costs at most the steps since the last
     save: the next run resumes there, removes the save once the variant is recorded, and exports what an
-    uncut run exports."""
-
+    uncut run exports. ``--status`` says where a cut run stands and what is left."""
     import training.train as train_module
 
-    def run(tag: str) -> dict:
-        args = ["--data", str(image_folder), "--out", str(tmp_path / tag), "--work-dir", str(tmp_path / f"w{tag}"),
+    def args(tag: str) -> list[str]:
+        return ["--data", str(image_folder), "--out", str(tmp_path / tag), "--work-dir", str(tmp_path / f"w{tag}"),
                 "--seeds", "1", "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
                 "--val-size", "3", "--keeps", "0.1", "--methods", "gate_magnitude", "--prune-steps", "6",
                 "--calib-images", "8", "--precision", "fp32", "--channel-keeps", "0.5", "--channel-steps", "6"]
-        assert prune_train(args) == 0
+
+    def run(tag: str) -> dict:
+        assert prune_train(args(tag)) == 0
         return json.loads((tmp_path / tag / "manifest.json").read_text())
+
+    def status(tag: str, *extra: str) -> str:
+        capsys.readouterr()
+        assert prune_train([*args(tag), "--status", *extra]) == 0
+        return capsys.readouterr().out
 
     saves: list[train_module.Phase2Checkpoint] = []
 
@@ -267,11 +274,18 @@ def test_a_run_cut_inside_a_fine_tune_resumes_at_its_last_save(image_folder: Pat
         run("b")
     assert [p.name for p in (tmp_path / "wb" / "seed-0" / "sweep").glob("*.progress.pt")] == [
         "gate_magnitude-keep0.100-ft.progress.pt"]
+    report = status("b")
+    # one-shot variants (dense, 2 criteria at 0.1) done, the fine-tune cut after its save at step 4
+    assert "seed 0: phase 1 1/1 epochs, sweep 3/4 variants, channel 0/1 keeps; " \
+           "gate_magnitude-keep0.100-ft saved at step 4 of 6" in report
+    assert "plus what is not timed yet (ft, channel)" in report and "other settings" not in report
+    assert "made with other settings than this command's (epochs)" in status("b", "--epochs", "2")
     monkeypatch.setattr(train_module, "_distill_loss", real_loss)
     saves.clear()
     resumed = run("b")
     assert [s.resumed_step for s in saves] == [4, 0]  # the weight fine-tune resumed; the channel one began
     assert not list((tmp_path / "wb").rglob("*.progress.pt*"))
+    assert "left: nothing" in status("b")
     assert [v["sha256"] for v in resumed["variants"]] == [v["sha256"] for v in uncut["variants"]]
     assert resumed["sweep"] == uncut["sweep"]
 

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import math
+import pickle
 import statistics
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="prune-train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("data and outputs")
-    io.add_argument("--data", required=True, help="cifar10-jpeg.tar.gz, an ImageFolder root (train/, test/) "
+    io.add_argument("--data", help="cifar10-jpeg.tar.gz, an ImageFolder root (train/, test/) "
                                                   "or a torchvision CIFAR10 root")
     io.add_argument("--out", default="models", help="export directory (manifest, checkpoints, plot, tables)")
     io.add_argument("--work-dir", default="runs", help="resumable per-seed checkpoints and results; a work dir "
@@ -73,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--val-size", type=int, default=5000, help="validation images held out of train (every "
                                                                "choice is made on them; test only reports)")
     io.add_argument("--train-limit", type=int, default=0, help="use only this many training images (smoke runs)")
+    io.add_argument("--status", action="store_true", help="print what the work dir holds for this command and "
+                                                          "the time left at the rates measured so far; train nothing")
     hw = p.add_argument_group("hardware")
     hw.add_argument("--device", default="auto", help=DEVICES_HELP)
     hw.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -159,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="test-time augmentation the service applies (0 none, 1 mirror, 2 mirror + translate: "
                          "6 views); test accuracy is reported with it and without")
     args = p.parse_args(argv)
+    if args.data is None and not args.status:
+        p.error("the following arguments are required: --data")
     for keep in [*args.keeps, *args.channel_keeps]:
         try:
             check_keep(keep)
@@ -172,7 +177,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # Flags that do not change results: a work dir may be resumed with other values of these.
-_RESULT_NEUTRAL = {"out", "work_dir", "cache_dir", "device", "threads", "seeds", "release_seed", "data"}
+_RESULT_NEUTRAL = {"out", "work_dir", "cache_dir", "device", "threads", "seeds", "release_seed", "data", "status"}
+
+
+def _result_flags(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _RESULT_NEUTRAL}
 
 
 def _guard_work_dir(args: argparse.Namespace, dataset_sha: str, precision: str) -> None:
@@ -182,7 +191,7 @@ def _guard_work_dir(args: argparse.Namespace, dataset_sha: str, precision: str) 
     so a run resumed on other hardware would otherwise continue a seed in another precision.
     """
     work = Path(args.work_dir)
-    wanted = {k: v for k, v in sorted(vars(args).items()) if k not in _RESULT_NEUTRAL}
+    wanted = _result_flags(args)
     wanted["precision"] = precision
     wanted["dataset_sha256"] = dataset_sha
     wanted["recipe_version"] = RECIPE_VERSION
@@ -262,6 +271,18 @@ def _method_config(method: str, pcfg: PruneConfig) -> PruneConfig:
     return replace(pcfg, gradual=False)  # "magnitude": one-shot
 
 
+def _sweep_jobs(args: argparse.Namespace, seed_dir: Path) -> list[tuple[str, float, str | None, Path]]:
+    """A seed's weight variants in the order they run: (criterion, keep, phase-2 method or None, record)."""
+    jobs = [(c, k, None) for c in args.criteria for k in args.keeps if not (k == 1.0 and c != args.criteria[0])]
+    if args.prune_steps > 0:
+        jobs += [(m, k, m) for m in args.methods for k in args.keeps if k < 1.0 and k <= args.prune_max_keep]
+    return [(c, k, m, seed_dir / "sweep" / f"{c}-keep{k:.3f}-{'ft' if m else 'oneshot'}.json") for c, k, m in jobs]
+
+
+def _channel_record(seed_dir: Path, keep: float) -> Path:
+    return seed_dir / "channel" / f"keep{keep:.3f}.json"
+
+
 def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig, pcfg: PruneConfig,
              net_cfg: NetConfig, device: torch.device, hardware: dict) -> dict:
     """Train one seed and sweep criteria × keeps; cached in work_dir/seed-N/results.json."""
@@ -289,13 +310,9 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     calib, _ = _calibration_sample(splits, seed, args.calib_images)
     release = seed == args.release_seed
 
-    jobs = [(c, k, None) for c in args.criteria for k in args.keeps if not (k == 1.0 and c != args.criteria[0])]
-    if args.prune_steps > 0:
-        jobs += [(m, k, m) for m in args.methods for k in args.keeps if k < 1.0 and k <= args.prune_max_keep]
     rows: list[dict] = []
-    sweep_dir = seed_dir / "sweep"  # one file per finished variant: a cut run resumes at the next one
-    for criterion, keep, method in tqdm(jobs, desc=f"seed {seed} sweep", unit="variant", file=sys.stdout):
-        done = sweep_dir / f"{criterion}-keep{keep:.3f}-{'ft' if method else 'oneshot'}.json"
+    jobs = _sweep_jobs(args, seed_dir)  # one file per finished variant: a cut run resumes at the next one
+    for criterion, keep, method, done in tqdm(jobs, desc=f"seed {seed} sweep", unit="variant", file=sys.stdout):
         if done.exists():
             rows.append(json.loads(done.read_text()))
             continue
@@ -338,7 +355,7 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
     dense, teacher, scores = None, None, None  # loaded (and its channels ranked) once, when a keep is not cached
     rows = []
     for keep in tqdm(args.channel_keeps, desc=f"seed {seed} channels", unit="variant", file=sys.stdout):
-        done = out_dir / f"keep{keep:.3f}.json"
+        done = _channel_record(seed_dir, keep)
         if done.exists():
             rows.append(json.loads(done.read_text()))
             continue
@@ -362,6 +379,87 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
         progress.path.unlink(missing_ok=True)
         rows.append(row)
     return rows
+
+
+def _saved_step(progress_file: Path) -> int | None:
+    """The step a cut fine-tune's save holds, or None if there is no readable one."""
+    try:
+        return int(torch.load(progress_file, map_location="cpu", weights_only=True)["step"])
+    except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError):
+        return None
+
+
+def status(args: argparse.Namespace) -> str:
+    """What the work dir holds for this command and what is left, with the time left estimated from the
+    rates this run measured so far (per epoch, per fine-tune, per one-shot evaluation, per channel keep)."""
+    work = Path(args.work_dir)
+    record = work / "run-config.json"
+    lines = [f"prune-train status: {work}" + (" (empty: nothing run yet)" if not record.exists() else "")]
+    if record.exists():
+        found = json.loads(record.read_text())
+        lines[0] += f" (precision {found.get('precision')}, recipe {found.get('recipe_version')})"
+        wanted = _result_flags(args)
+        try:  # recorded as resolved (see _guard_work_dir)
+            wanted["precision"] = select_precision(args.precision, select_device(args.device))
+        except ValueError:
+            pass
+        other = sorted(k for k, v in wanted.items() if found.get(k) != v)
+        if other:
+            lines.append(f"made with other settings than this command's ({', '.join(other)}): "
+                         "training with it would be refused")
+    epochs = math.ceil(args.epochs)
+    spent: dict[str, list[float]] = {"epoch": [], "ft": [], "oneshot": [], "channel": []}
+    left: dict[str, float] = {"epoch": 0.0, "ft": 0.0, "oneshot": 0.0, "channel": 0.0}
+    for seed in range(args.seeds):
+        seed_dir = work / f"seed-{seed}"
+        history: list[dict] = []
+        if (seed_dir / "results.json").exists():
+            history = json.loads((seed_dir / "results.json").read_text())["history"]
+        elif newest := sorted((seed_dir / "train").glob("epoch-*.pt")):
+            state = torch.load(newest[-1], map_location="cpu", weights_only=True)
+            history = [dict(zip(state["history_keys"], row)) for row in state["history"].tolist()]
+        trained = epochs if (seed_dir / "dense.safetensors").exists() else len(history)
+        spent["epoch"] += [h["seconds"] for h in history]
+        left["epoch"] += epochs - trained
+        sweep_done, cut = 0, []
+        jobs = _sweep_jobs(args, seed_dir)
+        for *_, method, done in jobs:
+            kind = "ft" if method else "oneshot"
+            if done.exists():
+                sweep_done += 1
+                spent[kind].append(json.loads(done.read_text())["seconds"])
+                continue
+            step = _saved_step(done.with_suffix(".progress.pt"))
+            left[kind] += 1 - (step or 0) / args.prune_steps if method else 1
+            if step is not None:
+                cut.append(f"{done.stem} saved at step {step} of {args.prune_steps}")
+        channel_done = 0
+        for keep in args.channel_keeps:
+            done = _channel_record(seed_dir, keep)
+            if done.exists():
+                channel_done += 1
+                spent["channel"].append(json.loads(done.read_text())["seconds"])
+                continue
+            step = _saved_step(done.with_suffix(".progress.pt"))
+            left["channel"] += 1 - (step or 0) / args.channel_steps
+            if step is not None:
+                cut.append(f"channel {done.stem} saved at step {step} of {args.channel_steps}")
+        lines.append(f"seed {seed}: phase 1 {trained}/{epochs} epochs, sweep {sweep_done}/{len(jobs)} variants, "
+                     f"channel {channel_done}/{len(args.channel_keeps)} keeps"
+                     + "".join(f"; {c}" for c in cut))
+    rates = {kind: statistics.fmean(times) for kind, times in spent.items() if times}
+    untimed = [kind for kind, count in left.items() if count > 0 and kind not in rates]
+    hours_left = sum(count * rates.get(kind, 0.0) for kind, count in left.items()) / 3600
+    summary = f"time spent: {sum(map(sum, spent.values())) / 3600:.1f} h; left: "
+    if not any(left.values()):
+        summary += "nothing"
+    else:
+        summary += f"{hours_left:.1f} h at the rates measured here"
+        if untimed:
+            summary += f", plus what is not timed yet ({', '.join(untimed)})"
+    lines.append(summary)
+    lines.append("rates: " + (", ".join(f"{kind} {seconds:.0f} s" for kind, seconds in rates.items()) or "none yet"))
+    return "\n".join(lines)
 
 
 def _sparsity(row: dict) -> float:
@@ -515,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("training").setLevel(logging.INFO)  # e.g. "phase 2: resumed at step 450 of 600"
+    if args.status:
+        print(status(args))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     # A training step's activations come back from the heap instead of fresh mmaps: 1.5x faster steps
