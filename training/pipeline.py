@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("data and outputs")
     io.add_argument("--data", help="cifar10-jpeg.tar.gz, an ImageFolder root (train/, test/) "
-                                                  "or a torchvision CIFAR10 root")
+                                   "or a torchvision CIFAR10 root (required unless --status)")
     io.add_argument("--out", default="models", help="export directory (manifest, checkpoints, plot, tables)")
     io.add_argument("--work-dir", default="runs", help="resumable per-seed checkpoints and results; a work dir "
                                                        "made with other flags is refused")
@@ -441,7 +441,7 @@ def status(args: argparse.Namespace) -> str:
                 spent["channel"].append(json.loads(done.read_text())["seconds"])
                 continue
             step = _saved_step(done.with_suffix(".progress.pt"))
-            left["channel"] += 1 - (step or 0) / args.channel_steps
+            left["channel"] += 1 - (step or 0) / max(1, args.channel_steps)
             if step is not None:
                 cut.append(f"channel {done.stem} saved at step {step} of {args.channel_steps}")
         lines.append(f"seed {seed}: phase 1 {trained}/{epochs} epochs, sweep {sweep_done}/{len(jobs)} variants, "
@@ -458,7 +458,10 @@ def status(args: argparse.Namespace) -> str:
         if untimed:
             summary += f", plus what is not timed yet ({', '.join(untimed)})"
     lines.append(summary)
-    lines.append("rates: " + (", ".join(f"{kind} {seconds:.0f} s" for kind, seconds in rates.items()) or "none yet"))
+    per = {"epoch": "phase-1 epoch", "ft": "fine-tuned variant", "oneshot": "one-shot variant",
+           "channel": "channel keep"}
+    lines.append("rates: " + (", ".join(f"{seconds:.0f} s per {per[kind]}" for kind, seconds in rates.items())
+                              or "none yet"))
     return "\n".join(lines)
 
 
