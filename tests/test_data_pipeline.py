@@ -282,7 +282,9 @@ def test_a_run_cut_inside_a_fine_tune_resumes_at_its_last_save(image_folder: Pat
     assert "made with other settings than this command's (epochs)" in status("b", "--epochs", "2")
     monkeypatch.setattr(train_module, "_distill_loss", real_loss)
     saves.clear()
+    capsys.readouterr()
     resumed = run("b")
+    assert "gate_magnitude-keep0.100-ft saved at step 4 of 6" in capsys.readouterr().out  # where it picked up
     assert [s.resumed_step for s in saves] == [4, 0]  # the weight fine-tune resumed; the channel one began
     assert not list((tmp_path / "wb").rglob("*.progress.pt*"))
     assert "left: nothing" in status("b")

@@ -649,7 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     hardware = describe(device, precision) | {"memory_retained": memory_retained}
     print(f"prune-train: {hardware['device']} ({hardware.get('gpu_model', hardware['cpu_model'])}), "
           f"precision {precision}, torch {hardware['torch_version']}", flush=True)
+    resuming = (Path(args.work_dir) / "run-config.json").exists()
     _guard_work_dir(args, data.describe()["sha256"], precision)
+    if resuming:  # where this run picks up, in the log of every restart
+        print(status(args), flush=True)
     splits = {k: v.to(device) for k, v in splits.items()}
     cfg = _train_config(args, precision)
     pcfg = _prune_config(args)
