@@ -11,7 +11,6 @@ import copy
 import json
 import logging
 import math
-import pickle
 import statistics
 import subprocess
 import sys
@@ -385,7 +384,7 @@ def _saved_step(progress_file: Path) -> int | None:
     """The step a cut fine-tune's save holds, or None if there is no readable one."""
     try:
         return int(torch.load(progress_file, map_location="cpu", weights_only=True)["step"])
-    except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError):
+    except Exception:  # noqa: BLE001 - unreadable or damaged: the fine-tune starts again, so report no save
         return None
 
 
