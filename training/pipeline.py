@@ -45,6 +45,7 @@ from training.train import (
     TrainConfig,
     accuracy,
     accuracy_by_level,
+    epoch_history,
     prune_finetune,
     recalibrate_bn,
     train,
@@ -282,6 +283,11 @@ def _channel_record(seed_dir: Path, keep: float) -> Path:
     return seed_dir / "channel" / f"keep{keep:.3f}.json"
 
 
+def _progress_file(record: Path) -> Path:
+    """Where the fine-tune behind a variant's ``record`` saves its progress until the record is written."""
+    return record.with_suffix(".progress.pt")
+
+
 def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig, pcfg: PruneConfig,
              net_cfg: NetConfig, device: torch.device, hardware: dict) -> dict:
     """Train one seed and sweep criteria × keeps; cached in work_dir/seed-N/results.json."""
@@ -318,7 +324,7 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
         model.load_state_dict(dense_state)
         model.set_masks(None)
         began = time.perf_counter()
-        progress = Phase2Checkpoint(done.with_suffix(".progress.pt"))  # a cut fine-tune resumes mid-way
+        progress = Phase2Checkpoint(_progress_file(done))  # a cut fine-tune resumes mid-way
         if method is not None:
             prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg, _method_config(method, pcfg),
                            seed, teacher=teacher, scope=args.scope, floor=args.floor, progress=progress)
@@ -365,7 +371,7 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
         model = copy.deepcopy(dense)
         began = time.perf_counter()
         masks = channel_masks(model, keep, scores)
-        progress = Phase2Checkpoint(done.with_suffix(".progress.pt"))
+        progress = Phase2Checkpoint(_progress_file(done))
         prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg,
                        replace(pcfg, steps=args.channel_steps, lr=args.channel_lr, gradual=False), seed,
                        teacher=teacher, masks=masks, progress=progress)
@@ -416,35 +422,28 @@ def status(args: argparse.Namespace) -> str:
             history = json.loads((seed_dir / "results.json").read_text())["history"]
         elif newest := sorted((seed_dir / "train").glob("epoch-*.pt")):
             state = torch.load(newest[-1], map_location="cpu", weights_only=True)
-            history = [dict(zip(state["history_keys"], row)) for row in state["history"].tolist()]
+            history = epoch_history(state)
         trained = epochs if (seed_dir / "dense.safetensors").exists() else len(history)
         spent["epoch"] += [h["seconds"] for h in history]
         left["epoch"] += epochs - trained
-        sweep_done, cut = 0, []
-        jobs = _sweep_jobs(args, seed_dir)
-        for *_, method, done in jobs:
-            kind = "ft" if method else "oneshot"
+        # (kind, record, fine-tune steps, label prefix) for every weight variant, then every channel keep
+        items = [("ft" if method else "oneshot", done, args.prune_steps if method else 0, "")
+                 for *_, method, done in _sweep_jobs(args, seed_dir)]
+        items += [("channel", _channel_record(seed_dir, keep), args.channel_steps, "channel ")
+                  for keep in args.channel_keeps]
+        finished, cut = {"sweep": 0, "channel": 0}, []
+        for kind, done, steps, prefix in items:
             if done.exists():
-                sweep_done += 1
+                finished["channel" if kind == "channel" else "sweep"] += 1
                 spent[kind].append(json.loads(done.read_text())["seconds"])
                 continue
-            step = _saved_step(done.with_suffix(".progress.pt"))
-            left[kind] += 1 - (step or 0) / args.prune_steps if method else 1
+            step = _saved_step(_progress_file(done))
+            left[kind] += 1 - (step or 0) / max(1, steps)
             if step is not None:
-                cut.append(f"{done.stem} saved at step {step} of {args.prune_steps}")
-        channel_done = 0
-        for keep in args.channel_keeps:
-            done = _channel_record(seed_dir, keep)
-            if done.exists():
-                channel_done += 1
-                spent["channel"].append(json.loads(done.read_text())["seconds"])
-                continue
-            step = _saved_step(done.with_suffix(".progress.pt"))
-            left["channel"] += 1 - (step or 0) / max(1, args.channel_steps)
-            if step is not None:
-                cut.append(f"channel {done.stem} saved at step {step} of {args.channel_steps}")
-        lines.append(f"seed {seed}: phase 1 {trained}/{epochs} epochs, sweep {sweep_done}/{len(jobs)} variants, "
-                     f"channel {channel_done}/{len(args.channel_keeps)} keeps"
+                cut.append(f"{prefix}{done.stem} saved at step {step} of {steps}")
+        lines.append(f"seed {seed}: phase 1 {trained}/{epochs} epochs, sweep {finished['sweep']}/"
+                     f"{len(items) - len(args.channel_keeps)} variants, "
+                     f"channel {finished['channel']}/{len(args.channel_keeps)} keeps"
                      + "".join(f"; {c}" for c in cut))
     rates = {kind: statistics.fmean(times) for kind, times in spent.items() if times}
     untimed = [kind for kind, count in left.items() if count > 0 and kind not in rates]

@@ -336,6 +336,18 @@ def _step(loss: Tensor, optimizers: list[torch.optim.Optimizer], scaler: torch.a
 # ---------------------------------------------------------------------------------------------
 # Phase 1: the dense gated network
 # ---------------------------------------------------------------------------------------------
+def _torch_save_atomic(state: dict, path: Path) -> None:
+    """Write ``path`` whole or not at all: a run killed mid-write leaves the previous save intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def epoch_history(state: dict) -> list[dict]:
+    """The per-epoch log stored in a phase-1 checkpoint (a tensor of rows, for ``weights_only`` loading)."""
+    return [dict(zip(state["history_keys"], row)) for row in state["history"].tolist()]
+
+
 def train(
     model: GatedNet,
     images: Tensor,
@@ -397,7 +409,7 @@ def train(
                 scaler.load_state_dict(state["scaler"])
             generator.set_state(state["generator"].cpu())  # map_location moved it to the device
             torch.set_rng_state(state["torch_rng"].cpu())
-            history = [dict(zip(state["history_keys"], row)) for row in state["history"].tolist()]
+            history = epoch_history(state)
             start_epoch = int(state["epoch"])
 
     model.train()
@@ -451,9 +463,7 @@ def train(
                 "history": torch.tensor([[h[k] for k in keys] for h in history], dtype=torch.float64),
                 "history_keys": keys,
             }
-            tmp = checkpoint_dir / f"epoch-{epoch + 1:02d}.pt.tmp"
-            torch.save(state, tmp)
-            tmp.replace(checkpoint_dir / f"epoch-{epoch + 1:02d}.pt")
+            _torch_save_atomic(state, checkpoint_dir / f"epoch-{epoch + 1:02d}.pt")
             for old in checkpoint_dir.glob("epoch-*.pt"):  # keep only the newest: they are large
                 if old.name != f"epoch-{epoch + 1:02d}.pt":
                     old.unlink()
@@ -598,9 +608,7 @@ def _save_phase2(ckpt: Phase2Checkpoint, step: int, model: GatedNet, masks: dict
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else torch.empty(0, dtype=torch.uint8),
     }
     ckpt.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.path.with_name(ckpt.path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(ckpt.path)  # a run killed mid-write leaves the previous save intact
+    _torch_save_atomic(state, ckpt.path)
 
 
 def _load_phase2(ckpt: Phase2Checkpoint, fingerprint: str, device: torch.device) -> dict | None:
