@@ -260,7 +260,17 @@ def test_a_run_cut_inside_a_fine_tune_resumes_at_its_last_save(image_folder: Pat
         return saves[-1]
 
     monkeypatch.setattr(pipeline, "Phase2Checkpoint", every_two_steps)
+    real_teacher, taught = train_module.tta_logits, [0]
+
+    def counted_teacher(*args: object, **kwargs: object) -> torch.Tensor:
+        taught[0] += 1
+        return real_teacher(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "tta_logits", counted_teacher)
     uncut = run("a")
+    # 6 steps for the weight fine-tune; the channel keep distils from the same dense weights on the same
+    # batches, so the seed's on-disk teacher cache serves all of its steps
+    assert taught[0] == 6 and (tmp_path / "wa" / "seed-0" / pipeline.TEACHER_CACHE).exists()
     real_loss, calls = train_module._distill_loss, [0]
 
     def loss(*args: object, **kwargs: object) -> torch.Tensor:
@@ -283,7 +293,9 @@ def test_a_run_cut_inside_a_fine_tune_resumes_at_its_last_save(image_folder: Pat
     monkeypatch.setattr(train_module, "_distill_loss", real_loss)
     saves.clear()
     capsys.readouterr()
+    taught[0] = 0
     resumed = run("b")
+    assert taught[0] == 2  # steps 4 and 5: the teacher's logits for steps 0-3 were saved with the progress
     assert "gate_magnitude-keep0.100-ft saved at step 4 of 6" in capsys.readouterr().out  # where it picked up
     assert [s.resumed_step for s in saves] == [4, 0]  # the weight fine-tune resumed; the channel one began
     assert not list((tmp_path / "wb").rglob("*.progress.pt*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import statistics
 from pathlib import Path
@@ -264,6 +265,45 @@ def test_a_shared_teacher_computes_each_steps_logits_once_and_changes_nothing() 
     assert torch.equal(reused, run(dense, 0.1))  # ... and they were exactly the logits it would compute
     run(shared, 0.1, seed=1)
     assert len(calls) == 12  # another seed's batches: computed afresh
+
+
+def test_the_teachers_logits_persist_on_disk_for_a_restarted_sweep(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """With a path, a Teacher's logits outlive the process: a new Teacher over the same file serves a
+    restarted sweep without one teacher forward pass, and the run ends bitwise as with fresh logits.
+    Another teacher's weights or other data never hit those entries; an unreadable file is recomputed."""
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    torch.manual_seed(1)
+    dense = tiny_model().eval()
+    cache = tmp_path / "teacher-logits.pt"
+
+    def run(teacher: nn.Module | Teacher, data: Tensor = images) -> tuple[Tensor, int]:
+        calls: list[int] = []
+        model_ = teacher.model if isinstance(teacher, Teacher) else teacher
+        handle = model_.register_forward_hook(lambda module, args, out: calls.append(1))
+        torch.manual_seed(0)
+        model = tiny_model()
+        prune_finetune(model, data, labels, 0.3, TrainConfig(batch_size=8), PruneConfig(steps=6), seed=0,
+                       teacher=teacher)
+        handle.remove()
+        return model.block2.conv2.effective_weight().detach(), len(calls)
+
+    first, computed = run(Teacher(dense, cache))
+    assert computed == 6 and cache.exists()
+    again, computed = run(Teacher(dense, cache))  # a new process, in effect
+    assert computed == 0 and torch.equal(again, first)
+    assert torch.equal(run(dense)[0], first)  # the stored logits are the ones it would compute
+    other = copy.deepcopy(dense)
+    with torch.no_grad():
+        other.head.weight.add_(0.01)
+    assert run(Teacher(other, cache))[1] == 6  # another teacher: its own entries
+    assert run(Teacher(dense, cache), images.flip(0))[1] == 6  # other data: its own entries
+    assert len(torch.load(cache, weights_only=True)) == 18  # and all of them kept in one file
+    cache.write_bytes(b"not a torch file")
+    with caplog.at_level("WARNING"):
+        damaged, computed = run(Teacher(dense, cache))
+    assert computed == 6 and torch.equal(damaged, first) and "unreadable logit cache" in caplog.text
+    assert len(torch.load(cache, weights_only=True)) == 6  # rewritten whole
 
 
 def test_channel_ramp_narrows_gradually_to_the_final_mask(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,6 +58,7 @@ DEFAULT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 # and 0.75 ran 1.3-1.5x faster in it than the unaligned 0.7 (measured here; PyTorch ran both alike).
 DEFAULT_CHANNEL_KEEPS = (0.75, 0.625, 0.5, 0.25)
 METHODS = ("gate_magnitude", "magnitude_gradual", "magnitude")  # phase-2 methods (see --methods)
+TEACHER_CACHE = "teacher-logits.pt"  # per seed dir: the dense teacher's logits per phase-2 step (train.Teacher)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -311,7 +312,8 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
     # Variants that are not fine-tuned are stored as masks over this checkpoint (see checkpoint.py).
     base = ("../dense.safetensors", dense_sha, checkpoint.folded_weights(model))
     dense_state = copy.deepcopy(model.state_dict())
-    teacher = Teacher(model)  # shared by the seed's fine-tunes: its logits are computed once per step
+    # Shared by the seed's fine-tunes and kept on disk: its logits are computed once per step, ever.
+    teacher = Teacher(model, seed_dir / TEACHER_CACHE)
     calib, _ = _calibration_sample(splits, seed, args.calib_images)
     release = seed == args.release_seed
 
@@ -366,7 +368,7 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
             continue
         if dense is None:
             dense = checkpoint.load_model(seed_dir / "dense.safetensors").to(device, memory_format=torch.channels_last)
-            teacher = Teacher(dense)  # shared by the keeps: its logits are computed once per step
+            teacher = Teacher(dense, seed_dir / TEACHER_CACHE)  # the sweep's cache, if the weights match
             scores = channel_ranking_scores(dense, args.channel_ranking, calib, calib_labels, cfg.precision)
         model = copy.deepcopy(dense)
         began = time.perf_counter()
