@@ -33,6 +33,8 @@ are not touched.
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --prune-shares 0.5 0.75 --batch-seeds 0 1 2   # a lever, paired over 3 data orders
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.05 --steps 600 --feature-distill 1 --batch-seeds 0 1 2   # also match the blocks' outputs
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --gate-fns hard_concrete --gate-lrs 0.05 --hc-ranks log_alpha effective  # L0 gates
 """
 
@@ -101,6 +103,8 @@ def main() -> None:
                    help="TTA level of the teacher's logits (0 = the plain batch)")
     p.add_argument("--distill", type=float, nargs="+", default=[PruneConfig().distill],
                    help="weights of the distillation term to try (0 = labels only, 1 = teacher only)")
+    p.add_argument("--feature-distill", type=float, nargs="+", default=[PruneConfig().feature_distill],
+                   help="weights of the feature term to try (the block outputs matched to the teacher's; 0 = off)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[PruneConfig().temperature],
                    help="distillation temperatures to try")
     p.add_argument("--smoothing", type=float, nargs="+", default=[TrainConfig().label_smoothing],
@@ -188,16 +192,17 @@ def main() -> None:
     results: dict[str, dict[int, float]] = {}  # setting → batch seed → validation accuracy
     gate_settings = [(fn, rank) for fn in gate_fns for rank in (args.hc_ranks if fn == "hard_concrete" else ["-"])]
     for (allocation, ranking, steps, distill, (gate_fn, hc_rank), gate_lr, share, ema, tta, ramp, temperature,
-         smoothing, bn, decay, schedule, batch_seed) in itertools.product(
+         smoothing, bn, decay, schedule, features, batch_seed) in itertools.product(
             allocations, rankings, args.steps, args.distill, gate_settings, gate_lrs, shares, args.lookahead,
             args.teacher_tta, ramps, args.temperatures, args.smoothing, args.bn_weights, args.decay_scales,
-            args.lr_schedules, args.batch_seeds):
+            args.lr_schedules, args.feature_distill, args.batch_seeds):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
                        lookahead=bool(ema), teacher_tta=tta, temperature=temperature, bn_weights=bool(bn),
                        decay_scale=decay, lr_schedule=schedule, gate_fn=gate_fn, hc_init=args.hc_init,
-                       hc_penalty=args.hc_penalty, hc_rank=PruneConfig().hc_rank if hc_rank == "-" else hc_rank)
+                       hc_penalty=args.hc_penalty, hc_rank=PruneConfig().hc_rank if hc_rank == "-" else hc_rank,
+                       feature_distill=features)
         run_cfg = replace(cfg, label_smoothing=smoothing)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
@@ -217,7 +222,7 @@ def main() -> None:
                 start = args.chain_from
             masks = prune_weights(args.keep, start_keep=start)
             final_masks[(ranking, steps, distill, gate_fn, hc_rank, gate_lr, share, ema, tta, temperature,
-                         smoothing, bn, decay, schedule, batch_seed)] = flat_mask(masks)
+                         smoothing, bn, decay, schedule, features, batch_seed)] = flat_mask(masks)
             print("  kept per layer: " + ", ".join(f"{name} {mask.float().mean().item():.3f}"
                                                    for name, mask in masks.items()), flush=True)
         val = validation(model)
@@ -229,7 +234,8 @@ def main() -> None:
             + ("" if args.chain_from is None else f", chained from keep {args.chain_from:g}"))
         shape = f", {allocation} widths, ramp {ramp:g}" if args.granularity == "channel" else ""
         setting = (f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
-                   f"distill {distill:g} at temperature {temperature:g}, label smoothing {smoothing:g}, "
+                   f"distill {distill:g} at temperature {temperature:g}, block features {features:g}, "
+                   f"label smoothing {smoothing:g}, "
                    f"BN weights {'learned' if bn else 'frozen'}, weight decay ×{decay:g}, {schedule} lr"
                    f" (teacher TTA {tta}){gates}")
         results.setdefault(setting, {})[batch_seed] = val
@@ -243,7 +249,8 @@ def main() -> None:
         for i, (setting, mask) in enumerate(runs):
             overlap = (mask & reference).sum().item() / reference.sum().item()
             print(f"survivors of (criterion, steps, distill, gates, hard-concrete rank, gate lr, share, lookahead, "
-                  f"teacher TTA, temperature, label smoothing, BN weights, decay scale, lr schedule, batch seed) = "
+                  f"teacher TTA, temperature, label smoothing, BN weights, decay scale, lr schedule, feature "
+                  f"weight, batch seed) = "
                   f"{setting}: "
                   f"share also in one-shot |W| top-K {overlap:.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:

@@ -24,7 +24,9 @@ from core.model import (
 from tests.conftest import tiny_model
 from training.prune import check_keep
 from training.train import (
+    FEATURE_BLOCKS,
     PHASE2_SCHEDULES,
+    BlockOutputs,
     L0Budget,
     Phase2Checkpoint,
     PruneConfig,
@@ -37,6 +39,7 @@ from training.train import (
     accuracy,
     accuracy_by_level,
     enter_hard_concrete,
+    feature_loss,
     leave_hard_concrete,
     predict_logits,
     predict_logits_by_level,
@@ -238,6 +241,45 @@ def test_phase2_distills_from_the_teachers_tta_logits() -> None:
     # on each batch and its mirror, and the averaged targets change what the student learns.
     assert views == [4, 8]
     assert not torch.equal(finals[0], finals[1])
+
+
+def test_feature_term_is_zero_for_the_teacher_itself_and_changes_the_fine_tune() -> None:
+    """The block-output term: 0 when student and teacher agree, positive when they differ; a run with it
+    ends elsewhere than one without, still at exactly K weights, with no hooks left on either network."""
+    torch.manual_seed(1)
+    teacher = tiny_model().eval()
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    shared = Teacher(teacher)
+    own = BlockOutputs(teacher)
+    teacher(images[:8])
+    assert len(own.outputs) == len(FEATURE_BLOCKS)
+    assert feature_loss(own.take(), shared.features(images[:8])).item() == 0.0
+    own.remove()
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.block1.conv1.weight.mul_(0.5)
+    hooks = BlockOutputs(other)
+    other(images[:8])
+    assert feature_loss(hooks.take(), shared.features(images[:8])).item() > 0
+    hooks.remove()
+    finals = []
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = tiny_model()
+        masks = prune_finetune(model, images, labels, 0.3, TrainConfig(batch_size=8),
+                               PruneConfig(steps=6, gate_lr=0.05, feature_distill=weight), seed=0, teacher=shared)
+        total = sum(m.numel() for m in masks.values())
+        assert sum(int(m.sum()) for m in masks.values()) == round(0.3 * total)
+        assert not any(getattr(model, name)._forward_hooks for name in FEATURE_BLOCKS)
+        finals.append(model.block2.conv2.effective_weight().detach())
+    assert not any(getattr(shared.model, name)._forward_hooks for name in FEATURE_BLOCKS)
+    assert not torch.equal(finals[0], finals[1])
+    with pytest.raises(ValueError, match="teacher"):
+        prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8),
+                       PruneConfig(steps=2, feature_distill=1.0), seed=0)
+    with pytest.raises(ValueError, match="0 or more"):
+        prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8),
+                       PruneConfig(steps=2, feature_distill=-1.0), seed=0, teacher=shared)
 
 
 def test_a_shared_teacher_computes_each_steps_logits_once_and_changes_nothing() -> None:

@@ -132,6 +132,12 @@ class PruneConfig:
     # deterministic gate|, magnitude and gate together, as gate_magnitude ranks with sigmoid gates; it empties
     # the large layers, whose deterministic gates read 0 at low density: 10 % on validation at keep 0.1).
     hc_rank: str = "log_alpha"
+    # Weight of a feature term beside the logit distillation (FitNets, Romero et al. 2015): the squared error
+    # between the student's and the dense teacher's block outputs (FEATURE_BLOCKS), each block's term divided by
+    # the teacher's mean square there, averaged over the blocks, summed over the batch like the other terms.
+    # Weight pruning keeps every shape, so block i of the student answers block i of the teacher. 0 = off;
+    # > 0 runs the teacher's forward pass every step (its block outputs are too big to cache).
+    feature_distill: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -491,6 +497,42 @@ def _distill_loss(logits: Tensor, teacher: Tensor | None, target: Tensor, cfg: T
     return (1 - pcfg.distill) * hard + pcfg.distill * soft
 
 
+# The GatedNet modules whose outputs PruneConfig.feature_distill matches: the three conv blocks (16×16, 8×8
+# and 4×4 maps after BN and GELU), the representation the head's global max-pool reads from last.
+FEATURE_BLOCKS = ("block1", "block2", "block3")
+
+
+class BlockOutputs:
+    """Forward hooks that keep the outputs of ``FEATURE_BLOCKS`` from a network's latest forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.outputs: dict[str, Tensor] = {}
+        self._handles = [getattr(model, name).register_forward_hook(self._keeper(name)) for name in FEATURE_BLOCKS]
+
+    def _keeper(self, name: str) -> Callable:
+        def keep(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            self.outputs[name] = output
+        return keep
+
+    def take(self) -> list[Tensor]:
+        """The kept outputs in FEATURE_BLOCKS order; forgets them (they hold the batch's activations)."""
+        return [self.outputs.pop(name) for name in FEATURE_BLOCKS]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def feature_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+    """Summed over the batch: each block's per-image mean squared error over the teacher's mean square
+    (so every block weighs the same whatever its scale), averaged over the blocks."""
+    terms = []
+    for s, t in zip(student, teacher, strict=True):
+        t = t.float()
+        terms.append((s.float() - t).pow(2).flatten(1).mean(1).sum() / t.pow(2).mean().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
 class Teacher:
     """A frozen copy of the dense network that phase 2 distils from, its targets computed once.
 
@@ -535,6 +577,16 @@ class Teacher:
         if key not in self._data_ids:
             self._data_ids[key] = _digest(images, labels)
         return self._data_ids[key]
+
+    @torch.no_grad()
+    def features(self, batch: Tensor) -> list[Tensor]:
+        """The teacher's ``FEATURE_BLOCKS`` outputs for ``batch`` (computed afresh: not cached)."""
+        hooks = BlockOutputs(self.model)
+        try:
+            self.model(batch)
+            return hooks.take()
+        finally:
+            hooks.remove()
 
     @torch.no_grad()
     def logits(self, batch: Tensor, key: tuple, tta: int) -> Tensor:
@@ -738,6 +790,10 @@ def prune_finetune(
         raise ValueError(f"hard-concrete gates rank by one of {', '.join(HC_RANKS)}, not {pcfg.hc_rank!r}")
     if pcfg.gate_fn == "hard_concrete" and masks is None and pcfg.gradual and pcfg.gate_lr <= 0:
         raise ValueError("hard-concrete gates are learned: give them a gate learning rate above 0")
+    if pcfg.feature_distill < 0:
+        raise ValueError(f"the feature term's weight is 0 or more, not {pcfg.feature_distill}")
+    if pcfg.feature_distill > 0 and teacher is None:
+        raise ValueError("the feature term matches the teacher's block outputs: give phase 2 a teacher")
     device = images.device
     began = time.perf_counter()
     fingerprint = None
@@ -765,6 +821,7 @@ def prune_finetune(
             group["base_lr"] = pcfg.gate_lr
     scaler = _grad_scaler(cfg.precision, device)
     lookahead = Lookahead(model) if pcfg.lookahead else None
+    student_blocks = BlockOutputs(model) if pcfg.feature_distill > 0 else None
 
     fixed_from = int(pcfg.prune_share * pcfg.steps) if (masks is None and pcfg.gradual) else 0
     ramp_until = int(channel_ramp * pcfg.steps) if (masks is not None and channel_scores is not None) else 0
@@ -855,6 +912,8 @@ def prune_finetune(
                        cfg.precision, device.type)
                 teacher_logits = teacher.logits(batch, key, pcfg.teacher_tta)
             loss = _distill_loss(model(batch), teacher_logits, labels[idx], cfg, pcfg)
+            if student_blocks is not None:
+                loss = loss + pcfg.feature_distill * feature_loss(student_blocks.take(), teacher.features(batch))
         hard_concrete = budget is not None and step < fixed_from
         if hard_concrete:
             loss = loss + budget.penalty(share)
@@ -865,6 +924,8 @@ def prune_finetune(
             lookahead.after_step(model, step + 1, pcfg.steps)
     if lookahead is not None:
         lookahead.finish(model)
+    if student_blocks is not None:
+        student_blocks.remove()
     if teacher is not None:
         teacher.save()
     model.set_train_masks(None)
