@@ -17,6 +17,7 @@ survivors fine-tune to convergence, distilled from the dense network's logits on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -504,7 +505,8 @@ FEATURE_BLOCKS = ("block1", "block2", "block3")
 
 
 class BlockOutputs:
-    """Forward hooks that keep the outputs of ``FEATURE_BLOCKS`` from a network's latest forward pass."""
+    """Forward hooks that keep the outputs of ``FEATURE_BLOCKS`` from a network's latest forward pass; as a
+    context manager, removed on leaving it, whatever happened inside."""
 
     def __init__(self, model: nn.Module) -> None:
         self.outputs: dict[str, Tensor] = {}
@@ -522,6 +524,12 @@ class BlockOutputs:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+    def __enter__(self) -> BlockOutputs:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.remove()
 
 
 def feature_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
@@ -582,12 +590,9 @@ class Teacher:
     @torch.no_grad()
     def features(self, batch: Tensor) -> list[Tensor]:
         """The teacher's ``FEATURE_BLOCKS`` outputs for ``batch`` (computed afresh: not cached)."""
-        hooks = BlockOutputs(self.model)
-        try:
+        with BlockOutputs(self.model) as hooks:
             self.model(batch)
             return hooks.take()
-        finally:
-            hooks.remove()
 
     @torch.no_grad()
     def logits(self, batch: Tensor, key: tuple, tta: int) -> Tensor:
@@ -822,7 +827,6 @@ def prune_finetune(
             group["base_lr"] = pcfg.gate_lr
     scaler = _grad_scaler(cfg.precision, device)
     lookahead = Lookahead(model) if pcfg.lookahead else None
-    student_blocks = BlockOutputs(model) if pcfg.feature_distill > 0 else None
 
     fixed_from = int(pcfg.prune_share * pcfg.steps) if (masks is None and pcfg.gradual) else 0
     ramp_until = int(channel_ramp * pcfg.steps) if (masks is not None and channel_scores is not None) else 0
@@ -912,9 +916,12 @@ def prune_finetune(
                 key = (teacher.data_id(images, labels), seed, step, cfg.batch_size, cfg.translate,
                        cfg.precision, device.type)
                 teacher_logits = teacher.logits(batch, key, pcfg.teacher_tta)
-            loss = _distill_loss(model(batch), teacher_logits, labels[idx], cfg, pcfg)
-            if student_blocks is not None:
-                loss = loss + pcfg.feature_distill * feature_loss(student_blocks.take(), teacher.features(batch))
+            # The student's blocks are hooked for this forward pass only: an error leaves no hook behind.
+            with BlockOutputs(model) if pcfg.feature_distill > 0 else contextlib.nullcontext() as blocks:
+                logits = model(batch)
+            loss = _distill_loss(logits, teacher_logits, labels[idx], cfg, pcfg)
+            if blocks is not None:
+                loss = loss + pcfg.feature_distill * feature_loss(blocks.take(), teacher.features(batch))
         hard_concrete = budget is not None and step < fixed_from
         if hard_concrete:
             loss = loss + budget.penalty(share)
@@ -925,8 +932,6 @@ def prune_finetune(
             lookahead.after_step(model, step + 1, pcfg.steps)
     if lookahead is not None:
         lookahead.finish(model)
-    if student_blocks is not None:
-        student_blocks.remove()
     if teacher is not None:
         teacher.save()
     model.set_train_masks(None)
