@@ -58,7 +58,7 @@ def check(settings: Settings) -> int:
     for checked in registry.plan_checks:
         verdict = "fits this machine" if checked["fits"] else "does not fit this machine"
         print(f"plan {checked['plan']} {verdict} ({checked['variant']}: {checked['here_ms']} ms here, "
-              f"{checked['plan_p50_ms']} ms in the plan at {plans.CHECK_BATCH} images, "
+              f"{checked['plan_ms']} ms in the plan at {plans.CHECK_BATCH} images, "
               f"{TTA_VIEWS[plans.CHECK_TTA]} view(s))"
               + ("" if checked["fits"] else ": measuring instead"))
     plan, source = (found[0], str(found[1])) if found else (None, "")

@@ -107,7 +107,8 @@ class VariantRow(BaseModel):
 class PlanCheck(BaseModel):
     plan: str = Field(description="the execution plan file checked")
     variant: str | None = Field(description="the variant timed (its first one with a figure at the check point)")
-    plan_p50_ms: float | None = Field(description="the plan's median latency there: batch 8, 1 view")
+    plan_ms: float | None = Field(description="the plan's fastest pass there: batch 8, 1 view (its median in a "
+                                              "plan that predates fastest passes)")
     here_ms: float | None = Field(description="the same on this machine before the plan is used: the fastest of 9 "
                                               "passes (traffic served meanwhile can only slow a pass)")
     fits: bool = Field(description="within 1.5x either way: the plan is used; else it is ignored and this "

@@ -84,6 +84,27 @@ def test_a_plan_fits_within_its_tolerance_either_way_or_within_the_slack() -> No
     assert not plans.fits(0.0, 1.0) and not plans.fits(1.0, 0.0)
 
 
+def test_the_check_point_is_the_plans_fastest_pass_or_its_median_in_an_older_plan() -> None:
+    def entry(figures: dict) -> dict:
+        return {"latency_by_tta": {str(plans.CHECK_TTA): {str(plans.CHECK_BATCH): figures}}}
+
+    # A median measured under load (1.30 ms) against a quiet start's fastest pass (0.57 ms): 2.3x apart, but
+    # the plan's own fastest pass (0.55 ms) agrees, and that is what is compared.
+    loaded = entry({"p50_ms": 1.30, "p95_ms": 2.0, "min_ms": 0.55, "images_per_s": 6150.0})
+    assert plans.check_point(loaded) == 0.55 and plans.fits(plans.check_point(loaded), 0.57)
+    assert plans.check_point(entry({"p50_ms": 1.30, "p95_ms": 2.0, "images_per_s": 6150.0})) == 1.30
+    with pytest.raises(KeyError):
+        plans.check_point(entry({"p95_ms": 2.0}))
+
+
+def test_measured_latency_records_the_fastest_pass(tmp_path: Path) -> None:
+    registry = Registry(build_models_dir(tmp_path / "models", keeps=(1.0,), channel_keeps=()), "fp32", probe_runs=3)
+    registry.load_models()
+    latency = registry.measure(registry.variants[0], runs=3, tta=0)
+    for figures in latency.values():
+        assert 0 < figures["min_ms"] <= figures["p50_ms"] <= figures["p95_ms"]
+
+
 def _sparse_net():
     model = tiny_model()
     prune(model, "gate", 0.1)
