@@ -35,6 +35,8 @@ are not touched.
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.05 --steps 600 --feature-distill 1 --batch-seeds 0 1 2   # also match the blocks' outputs
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.05 --steps 600 --dense-ends 1 --batch-seeds 0 1 2   # stem and head kept whole
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --gate-fns hard_concrete --gate-lrs 0.05 --hc-ranks log_alpha effective  # L0 gates
 """
 
@@ -105,6 +107,8 @@ def main() -> None:
                    help="weights of the distillation term to try (0 = labels only, 1 = teacher only)")
     p.add_argument("--feature-distill", type=float, nargs="+", default=[PruneConfig().feature_distill],
                    help="weights of the feature term to try (the block outputs matched to the teacher's; 0 = off)")
+    p.add_argument("--dense-ends", type=int, nargs="+", choices=(0, 1), default=[int(PruneConfig().dense_ends)],
+                   help="keep the stem and the head whole (weight granularity; 1) or prune them with the rest (0)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[PruneConfig().temperature],
                    help="distillation temperatures to try")
     p.add_argument("--smoothing", type=float, nargs="+", default=[TrainConfig().label_smoothing],
@@ -182,6 +186,7 @@ def main() -> None:
     shares = args.prune_shares if args.granularity == "weight" else [PruneConfig().prune_share]
     ramps = args.channel_ramps if args.granularity == "channel" else [0.0]
     gate_fns = args.gate_fns if args.granularity == "weight" else [PruneConfig().gate_fn]
+    dense_ends = args.dense_ends if args.granularity == "weight" else [int(PruneConfig().dense_ends)]
 
     def validation(model: torch.nn.Module) -> float:
         """Validation accuracy after re-estimating BN on the calibration images, as prune-train does."""
@@ -192,17 +197,17 @@ def main() -> None:
     results: dict[str, dict[int, float]] = {}  # setting → batch seed → validation accuracy
     gate_settings = [(fn, rank) for fn in gate_fns for rank in (args.hc_ranks if fn == "hard_concrete" else ["-"])]
     for (allocation, ranking, steps, distill, (gate_fn, hc_rank), gate_lr, share, ema, tta, ramp, temperature,
-         smoothing, bn, decay, schedule, features, batch_seed) in itertools.product(
+         smoothing, bn, decay, schedule, features, ends, batch_seed) in itertools.product(
             allocations, rankings, args.steps, args.distill, gate_settings, gate_lrs, shares, args.lookahead,
             args.teacher_tta, ramps, args.temperatures, args.smoothing, args.bn_weights, args.decay_scales,
-            args.lr_schedules, args.feature_distill, args.batch_seeds):
+            args.lr_schedules, args.feature_distill, dense_ends, args.batch_seeds):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
                        lookahead=bool(ema), teacher_tta=tta, temperature=temperature, bn_weights=bool(bn),
                        decay_scale=decay, lr_schedule=schedule, gate_fn=gate_fn, hc_init=args.hc_init,
                        hc_penalty=args.hc_penalty, hc_rank=PruneConfig().hc_rank if hc_rank == "-" else hc_rank,
-                       feature_distill=features)
+                       feature_distill=features, dense_ends=bool(ends))
         run_cfg = replace(cfg, label_smoothing=smoothing)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
@@ -222,7 +227,7 @@ def main() -> None:
                 start = args.chain_from
             masks = prune_weights(args.keep, start_keep=start)
             final_masks[(ranking, steps, distill, gate_fn, hc_rank, gate_lr, share, ema, tta, temperature,
-                         smoothing, bn, decay, schedule, features, batch_seed)] = flat_mask(masks)
+                         smoothing, bn, decay, schedule, features, ends, batch_seed)] = flat_mask(masks)
             print("  kept per layer: " + ", ".join(f"{name} {mask.float().mean().item():.3f}"
                                                    for name, mask in masks.items()), flush=True)
         val = validation(model)
@@ -230,7 +235,7 @@ def main() -> None:
             f", {gate_fn} gates"
             + ("" if gate_fn == "sigmoid"
                else f" (log α from {args.hc_init:g}, penalty {args.hc_penalty:g}, ranked by {hc_rank})")
-            + f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}"
+            + f", gate lr {gate_lr:g}, prune share {share:g}, lookahead {ema}, ends {'dense' if ends else 'pruned'}"
             + ("" if args.chain_from is None else f", chained from keep {args.chain_from:g}"))
         shape = f", {allocation} widths, ramp {ramp:g}" if args.granularity == "channel" else ""
         setting = (f"{args.granularity} keep {args.keep:g}{shape}, {ranking}, {steps} steps, lr {args.lr:g}, "
@@ -250,7 +255,7 @@ def main() -> None:
             overlap = (mask & reference).sum().item() / reference.sum().item()
             print(f"survivors of (criterion, steps, distill, gates, hard-concrete rank, gate lr, share, lookahead, "
                   f"teacher TTA, temperature, label smoothing, BN weights, decay scale, lr schedule, feature "
-                  f"weight, batch seed) = "
+                  f"weight, dense ends, batch seed) = "
                   f"{setting}: "
                   f"share also in one-shot |W| top-K {overlap:.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:

@@ -95,6 +95,20 @@ def test_floor_keeps_every_layer_alive() -> None:
         topk_masks(scores, 0.001, "global", floor=0.5)
 
 
+def test_layers_kept_dense_count_towards_k_and_the_rest_compete_for_what_is_left() -> None:
+    scores = {"stem": torch.zeros(10), "body": torch.arange(100.0), "head": torch.zeros(10)}
+    masks = topk_masks(scores, 0.25, "global", dense=("stem", "head"))
+    assert masks["stem"].all() and masks["head"].all()
+    assert int(masks["body"].sum()) == 10 and masks["body"][90:].all()  # 30 in all: 20 whole, the top 10
+    assert topk_masks(scores, 0.25, "global")["stem"].sum() == 0
+    with pytest.raises(ValueError, match="dense need 20"):
+        topk_masks(scores, 0.1, "global", dense=("stem", "head"))
+    with pytest.raises(ValueError, match="global scope"):
+        topk_masks(scores, 0.5, "layer", dense=("stem",))
+    with pytest.raises(ValueError, match="no layer named tail"):
+        topk_masks(scores, 0.5, "global", dense=("tail",))
+
+
 def test_ties_break_deterministically_by_position() -> None:
     scores = {"a": torch.ones(8), "b": torch.ones(8)}
     masks = topk_masks(scores, 0.25, "global")

@@ -24,6 +24,7 @@ from core.model import (
 from tests.conftest import tiny_model
 from training.prune import check_keep
 from training.train import (
+    END_LAYERS,
     FEATURE_BLOCKS,
     PHASE2_SCHEDULES,
     BlockOutputs,
@@ -45,6 +46,7 @@ from training.train import (
     predict_logits_by_level,
     prepare,
     prune_finetune,
+    sampled_train_masks,
     train,
     translate_batch,
     whiten_stem,
@@ -280,6 +282,26 @@ def test_feature_term_is_zero_for_the_teacher_itself_and_changes_the_fine_tune()
     with pytest.raises(ValueError, match="0 or more"):
         prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8),
                        PruneConfig(steps=2, feature_distill=-1.0), seed=0, teacher=shared)
+
+
+def test_dense_ends_keep_stem_and_head_whole_while_pruning_and_after() -> None:
+    """While the mask falls and in the final top-K, the end layers keep every weight and the total is
+    still exactly K; the straight-through masks keep about the scheduled share."""
+    torch.manual_seed(1)
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    model = tiny_model()
+    masks = prune_finetune(model, images, labels, 0.3, TrainConfig(batch_size=8),
+                           PruneConfig(steps=6, gate_lr=0.05, dense_ends=True), seed=0, teacher=copy.deepcopy(model))
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.3 * total)
+    assert all(masks[name].all() for name in END_LAYERS)
+    train_masks = sampled_train_masks(tiny_model(), 0.5, "effective", END_LAYERS)
+    assert all(train_masks[name].all() for name in END_LAYERS)
+    kept = sum(m.sum().item() for m in train_masks.values()) / sum(m.numel() for m in train_masks.values())
+    assert abs(kept - 0.5) < 0.01
+    with pytest.raises(ValueError, match="hard-concrete"):
+        prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8),
+                       PruneConfig(steps=2, gate_lr=0.05, gate_fn="hard_concrete", dense_ends=True), seed=0)
 
 
 def test_a_shared_teacher_computes_each_steps_logits_once_and_changes_nothing() -> None:

@@ -13,6 +13,7 @@ always give bit-identical masks.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -95,24 +96,31 @@ def _stable_top(flat: Tensor, count: int) -> Tensor:
 
 
 def topk_masks(scores: dict[str, Tensor], keep: float, scope: str = "global",
-               floor: float = 0.0) -> dict[str, Tensor]:
+               floor: float = 0.0, dense: Iterable[str] = ()) -> dict[str, Tensor]:
     """Bool masks keeping exactly round(keep × N) weights.
 
     scope='global': one ranking across all layers; scope='layer': every layer keeps its share
     (largest-remainder rounding so the total is still exact). ``floor`` is a per-layer minimum
-    fraction (at least one weight when > 0) so that no layer is ever emptied.
+    fraction (at least one weight when > 0) so that no layer is ever emptied. ``dense`` names layers
+    kept whole (global scope only): their weights count towards the K, the rest compete for what is left.
     """
     keep = check_keep(keep)
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
     names = list(scores)
+    dense = set(dense)
+    if dense - set(names):
+        raise ValueError(f"no layer named {', '.join(sorted(dense - set(names)))} to keep dense")
+    if dense and scope != "global":
+        raise ValueError("layers kept dense need the global scope: a per-layer share cannot keep a layer whole")
     sizes = [scores[n].numel() for n in names]
     total = sum(sizes)
     target = round(keep * total)
     minimum = _floor_counts(sizes, floor) if floor > 0 else [0] * len(sizes)
+    minimum = [n if name in dense else m for name, n, m in zip(names, sizes, minimum)]
     if sum(minimum) > target:
-        raise ValueError(f"keep {keep} leaves {target} weights but the per-layer floor needs {sum(minimum)}; "
-                         "lower --floor or raise keep")
+        raise ValueError(f"keep {keep} leaves {target} weights but the per-layer floor and the layers kept "
+                         f"dense need {sum(minimum)}; lower --floor or raise keep")
 
     if scope == "layer":
         exact = [keep * n for n in sizes]
@@ -139,7 +147,7 @@ def topk_masks(scores: dict[str, Tensor], keep: float, scope: str = "global",
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)
-    for i, m in enumerate(minimum):  # reserve each layer's floor from its own ranking first
+    for i, m in enumerate(minimum):  # reserve each layer's floor (a dense layer: all of it) first
         if m:
             chosen[offsets[i] + _stable_top(flat[offsets[i]:offsets[i + 1]], m)] = True
     remaining = target - int(chosen.sum())
@@ -150,9 +158,9 @@ def topk_masks(scores: dict[str, Tensor], keep: float, scope: str = "global",
 
 
 def prune(model: GatedNet, criterion: str, keep: float, scope: str = "global", floor: float = 0.0,
-          seed: int = 0) -> dict[str, Tensor]:
-    """Rank, select and install masks on ``model``; returns the masks."""
-    masks = topk_masks(importance(model, criterion, seed), keep, scope, floor)
+          seed: int = 0, dense: Iterable[str] = ()) -> dict[str, Tensor]:
+    """Rank, select and install masks on ``model`` (``dense``: layers kept whole); returns the masks."""
+    masks = topk_masks(importance(model, criterion, seed), keep, scope, floor, dense)
     model.set_masks(masks)
     return masks
 
