@@ -140,6 +140,25 @@ def test_a_lamp_ranked_phase_2_ships_under_its_own_name(image_folder: Path, tmp_
     assert manifest["training"]["phase2"]["criterion"] == "lamp"
 
 
+def test_dense_ends_ship_a_fine_tuned_variant_with_stem_and_head_whole(image_folder: Path, tmp_path: Path) -> None:
+    """--dense-ends: the phase-2 variant keeps every stem and head weight, still exactly K in all."""
+    out = tmp_path / "models"
+    args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(tmp_path / "runs"), "--seeds", "1",
+            "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8", "--val-size", "3",
+            "--keeps", "0.1", "--methods", "gate_magnitude", "--prune-steps", "2", "--dense-ends",
+            "--ship-finetune-min-gain", "-100", "--calib-images", "8", "--precision", "fp32", "--floor", "0.01",
+            "--channel-keeps"]
+    assert prune_train(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["phase2"]["dense_ends"] is True
+    [variant] = [v for v in manifest["variants"] if v["keep"] == 0.1]
+    params = variant["params"]
+    assert variant["finetuned"] and params["nonzero"] - (params["total"] - params["prunable"]) <= round(
+        0.1 * params["prunable"])
+    model = checkpoint.load_model(out / variant["file"])  # pruned with the rest they kept 24 % and 88 % here
+    assert bool((model.stem.weight != 0).all()) and bool((model.head.weight != 0).all())
+
+
 def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     out, work = tmp_path / "models", tmp_path / "runs"

@@ -140,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="weight of distillation from the dense network (0: labels only)")
     pr.add_argument("--temperature", type=float, default=prune_defaults.temperature, help="distillation "
                                                                                           "temperature")
+    pr.add_argument("--dense-ends", action=argparse.BooleanOptionalAction, default=prune_defaults.dense_ends,
+                    help="phase 2 keeps the stem and the head whole (their weights count towards the K)")
     pr.add_argument("--ship-criterion", choices=CRITERIA, default="gate_magnitude",
                     help="criterion of the exported weight variants")
     pr.add_argument("--scope", choices=SCOPES, default="global", help="rank weights across the net or per layer")
@@ -220,7 +222,7 @@ def _train_config(args: argparse.Namespace, precision: str) -> TrainConfig:
 def _prune_config(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(steps=args.prune_steps, prune_share=args.prune_share, lr=args.prune_lr,
                        gate_lr=args.prune_gate_lr, distill=args.distill, temperature=args.temperature,
-                       criterion=args.prune_criterion)
+                       criterion=args.prune_criterion, dense_ends=args.dense_ends)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
