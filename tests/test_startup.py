@@ -37,7 +37,7 @@ def _shipped_plan(models_dir: Path, threads: int, p50_ms: float, check_ms: float
     at the start-up speed check's point (batch 8, 1 view): there ``check_ms``, else this machine's fastest pass."""
     registry = Registry(models_dir, "fp32", probe_runs=3)
     registry.load_models()
-    if check_ms is None:  # at the plan's threads: an earlier test may have left this process at another count
+    if check_ms is None:  # at the plan's threads (its key names them), not at this process's count (conftest: 2)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
