@@ -38,6 +38,8 @@ are not touched.
         --keep 0.05 --steps 600 --dense-ends 1 --batch-seeds 0 1 2   # stem and head kept whole
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --gate-fns hard_concrete --gate-lrs 0.05 --hc-ranks log_alpha effective  # L0 gates
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.05 --steps 600 --soups 3     # average 3 fine-tunes of the final mask (each also reported)
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ def main() -> None:
                    help="weights of the feature term to try (the block outputs matched to the teacher's; 0 = off)")
     p.add_argument("--dense-ends", type=int, nargs="+", choices=(0, 1), default=[int(PruneConfig().dense_ends)],
                    help="keep the stem and the head whole (weight granularity; 1) or prune them with the rest (0)")
+    p.add_argument("--soups", type=int, nargs="+", default=[PruneConfig().soup],
+                   help="sparse model soup: fine-tunes of the final mask averaged (1 = off); each ingredient's "
+                        "own validation accuracy is reported too (the first is the soup-1 run's model)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[PruneConfig().temperature],
                    help="distillation temperatures to try")
     p.add_argument("--smoothing", type=float, nargs="+", default=[TrainConfig().label_smoothing],
@@ -197,26 +202,28 @@ def main() -> None:
     results: dict[str, dict[int, float]] = {}  # setting → batch seed → validation accuracy
     gate_settings = [(fn, rank) for fn in gate_fns for rank in (args.hc_ranks if fn == "hard_concrete" else ["-"])]
     for (allocation, ranking, steps, distill, (gate_fn, hc_rank), gate_lr, share, ema, tta, ramp, temperature,
-         smoothing, bn, decay, schedule, features, ends, batch_seed) in itertools.product(
+         smoothing, bn, decay, schedule, features, ends, soup, batch_seed) in itertools.product(
             allocations, rankings, args.steps, args.distill, gate_settings, gate_lrs, shares, args.lookahead,
             args.teacher_tta, ramps, args.temperatures, args.smoothing, args.bn_weights, args.decay_scales,
-            args.lr_schedules, args.feature_distill, dense_ends, args.batch_seeds):
+            args.lr_schedules, args.feature_distill, dense_ends, args.soups, args.batch_seeds):
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
                        lookahead=bool(ema), teacher_tta=tta, temperature=temperature, bn_weights=bool(bn),
                        decay_scale=decay, lr_schedule=schedule, gate_fn=gate_fn, hc_init=args.hc_init,
                        hc_penalty=args.hc_penalty, hc_rank=PruneConfig().hc_rank if hc_rank == "-" else hc_rank,
-                       feature_distill=features, dense_ends=bool(ends))
+                       feature_distill=features, dense_ends=bool(ends), soup=soup)
+        ingredients: list[dict[str, torch.Tensor]] = []
         run_cfg = replace(cfg, label_smoothing=smoothing)
         if args.granularity == "channel":
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
             prune_finetune(model, train_x, train_y, args.keep, run_cfg, replace(pcfg, gradual=False), batch_seed,
-                           teacher=distiller, masks=masks, channel_scores=scores[ranking], channel_ramp=ramp)
+                           teacher=distiller, masks=masks, channel_scores=scores[ranking], channel_ramp=ramp,
+                           ingredients=ingredients)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
             prune_weights = functools.partial(prune_finetune, model, train_x, train_y, cfg=run_cfg,
                                               pcfg=replace(pcfg, criterion=ranking), seed=batch_seed,
-                                              teacher=distiller, floor=0.002)
+                                              teacher=distiller, floor=0.002, ingredients=ingredients)
             start = 1.0
             if args.chain_from is not None:
                 prune_weights(args.chain_from)
@@ -227,9 +234,14 @@ def main() -> None:
                 start = args.chain_from
             masks = prune_weights(args.keep, start_keep=start)
             final_masks[(ranking, steps, distill, gate_fn, hc_rank, gate_lr, share, ema, tta, temperature,
-                         smoothing, bn, decay, schedule, features, ends, batch_seed)] = flat_mask(masks)
+                         smoothing, bn, decay, schedule, features, ends, soup, batch_seed)] = flat_mask(masks)
             print("  kept per layer: " + ", ".join(f"{name} {mask.float().mean().item():.3f}"
                                                    for name, mask in masks.items()), flush=True)
+        for i, state in enumerate(ingredients if soup > 1 else []):  # the soup's fine-tunes, one by one
+            alone = copy.deepcopy(model)  # the same installed masks
+            alone.load_state_dict(state)
+            val = validation(alone)
+            print(f"  soup ingredient {i}: validation {val:.2f} % (drop {dense_val - val:.2f})", flush=True)
         val = validation(model)
         gates = "" if args.granularity != "weight" else (
             f", {gate_fn} gates"
@@ -242,7 +254,7 @@ def main() -> None:
                    f"distill {distill:g} at temperature {temperature:g}, block features {features:g}, "
                    f"label smoothing {smoothing:g}, "
                    f"BN weights {'learned' if bn else 'frozen'}, weight decay ×{decay:g}, {schedule} lr"
-                   f" (teacher TTA {tta}){gates}")
+                   f" (teacher TTA {tta}){gates}" + (f", soup of {soup}" if soup > 1 else ""))
         results.setdefault(setting, {})[batch_seed] = val
         print(f"{setting}, batch seed {batch_seed}: validation {val:.2f} % (drop {dense_val - val:.2f}) "
               f"in {time.perf_counter() - began:.0f} s", flush=True)
@@ -255,7 +267,7 @@ def main() -> None:
             overlap = (mask & reference).sum().item() / reference.sum().item()
             print(f"survivors of (criterion, steps, distill, gates, hard-concrete rank, gate lr, share, lookahead, "
                   f"teacher TTA, temperature, label smoothing, BN weights, decay scale, lr schedule, feature "
-                  f"weight, dense ends, batch seed) = "
+                  f"weight, dense ends, soup, batch seed) = "
                   f"{setting}: "
                   f"share also in one-shot |W| top-K {overlap:.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:

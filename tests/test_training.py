@@ -39,6 +39,7 @@ from training.train import (
     _sgd,
     accuracy,
     accuracy_by_level,
+    average_states,
     enter_hard_concrete,
     feature_loss,
     leave_hard_concrete,
@@ -302,6 +303,57 @@ def test_dense_ends_keep_stem_and_head_whole_while_pruning_and_after() -> None:
     with pytest.raises(ValueError, match="hard-concrete"):
         prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8),
                        PruneConfig(steps=2, gate_lr=0.05, gate_fn="hard_concrete", dense_ends=True), seed=0)
+
+
+@pytest.mark.parametrize("gradual", [True, False])
+def test_a_soup_averages_fine_tunes_of_one_mask_the_first_on_the_runs_own_batches(gradual: bool) -> None:
+    """From the step the mask is final, each ingredient fine-tunes on batches of its own (the teacher is
+    asked for their logits, not served the first's); the first ends bitwise where the run without a soup
+    ends; the model is their average and keeps exactly the same K survivors."""
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    torch.manual_seed(1)
+    teacher = Teacher(tiny_model().eval())
+    calls: list[int] = []
+    teacher.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+
+    def run(soup: int, ingredients: list | None = None) -> tuple[nn.Module, dict[str, Tensor]]:
+        torch.manual_seed(0)
+        model = tiny_model()
+        masks = prune_finetune(model, images, labels, 0.3, TrainConfig(batch_size=8),
+                               PruneConfig(steps=8, gate_lr=0.05, gradual=gradual, soup=soup), seed=0,
+                               teacher=teacher, ingredients=ingredients)
+        return model, masks
+
+    plain, plain_masks = run(1)
+    assert len(calls) == 8
+    ingredients: list[dict[str, Tensor]] = []
+    soup, masks = run(3, ingredients)
+    tail = 4 if gradual else 8  # the steps after the mask is final: prune share 0.5 of 8, or all of one-shot's
+    assert len(calls) == 8 + 2 * tail  # the first ingredient's logits came from the cache, the others' are new
+    assert len(ingredients) == 3
+    assert all(torch.equal(ingredients[0][k], v) for k, v in plain.state_dict().items())
+    assert all(torch.equal(masks[n], plain_masks[n]) for n in masks)
+    key = "block2.conv2.weight"
+    assert not torch.equal(ingredients[1][key], ingredients[0][key])
+    assert not torch.equal(ingredients[2][key], ingredients[1][key])
+    averaged = average_states(ingredients)
+    assert all(torch.allclose(soup.state_dict()[k].float(), averaged[k].float()) for k in averaged)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.3 * total)
+    for name, layer in soup.gated_layers():
+        assert not layer.effective_weight()[~masks[name]].any()
+
+
+def test_a_soup_refuses_a_size_below_one_and_a_progress_file(tmp_path: Path) -> None:
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,))
+    with pytest.raises(ValueError, match="1 or more"):
+        prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8), PruneConfig(steps=2, soup=0),
+                       seed=0)
+    with pytest.raises(ValueError, match="progress"):
+        prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8), PruneConfig(steps=2, soup=2),
+                       seed=0, progress=Phase2Checkpoint(tmp_path / "p.pt"))
+    with pytest.raises(ValueError, match="different tensors"):
+        average_states([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
 
 
 def test_a_shared_teacher_computes_each_steps_logits_once_and_changes_nothing() -> None:

@@ -149,6 +149,10 @@ class PruneConfig:
     # they kept 75 % / 77 % at keep 0.05, so this moves 0.9 % of all survivors. It scored +0.03 ± 0.37
     # points on validation at keep 0.05, three paired batch seeds (docs/training.md): off.
     dense_ends: bool = False
+    # Sparse model soup (Zimmer et al. 2024): once the mask is final, fine-tune it this many times from the
+    # same state, each on its own batches and augmentation, and average the weights. One mask, so the
+    # average has exactly the same survivors; its cost is (soup - 1) more fixed-mask fine-tunes. 1 = off.
+    soup: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -782,6 +786,7 @@ def prune_finetune(
     channel_ramp: float = 0.0,
     start_keep: float = 1.0,
     progress: Phase2Checkpoint | None = None,
+    ingredients: list[dict[str, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """Prune ``model`` to ``keep`` and fine-tune it (phase 2); returns the final masks, installed.
 
@@ -802,6 +807,12 @@ def prune_finetune(
     ``teacher``: the dense network to distil from; pass one ``Teacher`` to every run of a sweep to
     compute its logits once (a plain module gets a Teacher of its own). ``progress``: save the run's state
     every ``progress.every`` steps and resume from a save this same run made (see ``Phase2Checkpoint``).
+
+    ``pcfg.soup`` > 1: from the step the mask is final (after the pruning ramp or the channel ramp; step 0
+    otherwise) the fine-tune runs ``soup`` times from the same state, the first on the run's own batches
+    (so it ends where ``soup`` 1 ends), the others each on batches from a generator of their own; the model
+    ends as the average of their weights and BN statistics. ``ingredients``, a list, receives each fine-tune's
+    final state dict, in order. Not resumable yet: ``progress`` with ``soup`` > 1 is refused.
     """
     if pcfg.criterion not in PHASE2_CRITERIA:
         raise ValueError(f"phase 2 ranks by one of {', '.join(PHASE2_CRITERIA)}, not {pcfg.criterion!r}")
@@ -819,6 +830,10 @@ def prune_finetune(
         raise ValueError("the feature term matches the teacher's block outputs: give phase 2 a teacher")
     if pcfg.dense_ends and pcfg.gate_fn == "hard_concrete":
         raise ValueError("dense_ends keeps the end layers whole; hard-concrete gates would still sample them off")
+    if pcfg.soup < 1:
+        raise ValueError(f"a soup averages 1 or more fine-tunes, not {pcfg.soup}")
+    if pcfg.soup > 1 and progress is not None:
+        raise ValueError("a soup run saves no progress yet: run it without a progress file")
     dense = END_LAYERS if pcfg.dense_ends else ()
     device = images.device
     began = time.perf_counter()
@@ -900,6 +915,39 @@ def prune_finetune(
             torch.cuda.set_rng_state(saved["cuda_rng"].cpu())
         progress.resumed_step, progress.earlier_seconds = start, float(saved["seconds"])
         log.info("phase 2: resumed at step %d of %d from %s", start, pcfg.steps, progress.path)
+    soup_from = max(fixed_from, ramp_until)  # the first step on the final mask
+    soup_start: dict | None = None  # the state every soup ingredient fine-tunes from
+
+    def take_step(step: int, batches: torch.Generator, ingredient: int) -> None:
+        """One optimiser step on a batch drawn from ``batches`` (the masks as the caller installed them)."""
+        factor = _phase2_lr_factor(step, pcfg.steps, max(fixed_from, ramp_until) if pcfg.lr_schedule == "hold" else 0)
+        optimizers = [o for o in (optimizer, score_optimizer) if o is not None]
+        for opt in optimizers:
+            _set_lr(opt, factor)
+        idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=batches).to(device)
+        batch = augment(images[idx], cfg.translate, batches)
+        with autocast(device, cfg.precision):
+            teacher_logits = None
+            if teacher is not None and pcfg.distill > 0:
+                # Everything that decides this step's batch, and the teacher's arithmetic on it.
+                key = (teacher.data_id(images, labels), seed, step, cfg.batch_size, cfg.translate,
+                       cfg.precision, device.type) + ((("soup", ingredient),) if ingredient else ())
+                teacher_logits = teacher.logits(batch, key, pcfg.teacher_tta)
+            # The student's blocks are hooked for this forward pass only: an error leaves no hook behind.
+            with BlockOutputs(model) if pcfg.feature_distill > 0 else contextlib.nullcontext() as blocks:
+                logits = model(batch)
+            loss = _distill_loss(logits, teacher_logits, labels[idx], cfg, pcfg)
+            if blocks is not None:
+                loss = loss + pcfg.feature_distill * feature_loss(blocks.take(), teacher.features(batch))
+        hard_concrete = budget is not None and step < fixed_from
+        if hard_concrete:
+            loss = loss + budget.penalty(share)
+        _step(loss, optimizers, scaler)
+        if hard_concrete and step % 25 == 0:
+            log.info("step %d: expected open share %.4f (scheduled %.4f)", step, budget.open_share, share)
+        if lookahead is not None:
+            lookahead.after_step(model, step + 1, pcfg.steps)
+
     model.train()
     for step in range(start, pcfg.steps):
         if progress is not None and step > start and step % progress.every == 0:
@@ -924,35 +972,15 @@ def prune_finetune(
             if budget is None:
                 rank = "lamp" if pcfg.criterion == "lamp" else "effective"
                 model.set_train_masks(sampled_train_masks(model, share, rank, dense) if share < 1.0 else None)
-        factor = _phase2_lr_factor(step, pcfg.steps, max(fixed_from, ramp_until) if pcfg.lr_schedule == "hold" else 0)
-        optimizers = [o for o in (optimizer, score_optimizer) if o is not None]
-        for opt in optimizers:
-            _set_lr(opt, factor)
-        idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=generator).to(device)
-        batch = augment(images[idx], cfg.translate, generator)
-        with autocast(device, cfg.precision):
-            teacher_logits = None
-            if teacher is not None and pcfg.distill > 0:
-                # Everything that decides this step's batch, and the teacher's arithmetic on it.
-                key = (teacher.data_id(images, labels), seed, step, cfg.batch_size, cfg.translate,
-                       cfg.precision, device.type)
-                teacher_logits = teacher.logits(batch, key, pcfg.teacher_tta)
-            # The student's blocks are hooked for this forward pass only: an error leaves no hook behind.
-            with BlockOutputs(model) if pcfg.feature_distill > 0 else contextlib.nullcontext() as blocks:
-                logits = model(batch)
-            loss = _distill_loss(logits, teacher_logits, labels[idx], cfg, pcfg)
-            if blocks is not None:
-                loss = loss + pcfg.feature_distill * feature_loss(blocks.take(), teacher.features(batch))
-        hard_concrete = budget is not None and step < fixed_from
-        if hard_concrete:
-            loss = loss + budget.penalty(share)
-        _step(loss, optimizers, scaler)
-        if hard_concrete and step % 25 == 0:
-            log.info("step %d: expected open share %.4f (scheduled %.4f)", step, budget.open_share, share)
-        if lookahead is not None:
-            lookahead.after_step(model, step + 1, pcfg.steps)
+        if step == soup_from and pcfg.soup > 1:
+            soup_start = copy.deepcopy({"model": model.state_dict(), "sgd": optimizer.state_dict(),
+                                        "lookahead": vars(lookahead) if lookahead is not None else None})
+        take_step(step, generator, 0)
     if lookahead is not None:
         lookahead.finish(model)
+    if pcfg.soup > 1 and soup_start is not None:
+        _cook_soup(model, optimizer, lookahead, soup_start, take_step, range(soup_from, pcfg.steps), pcfg.soup,
+                   seed, ingredients)
     if teacher is not None:
         teacher.save()
     model.set_train_masks(None)
@@ -964,6 +992,40 @@ def prune_finetune(
         p.requires_grad_(True)
     model.eval()
     return masks
+
+
+def _cook_soup(model: GatedNet, optimizer: torch.optim.Optimizer, lookahead: Lookahead | None, start: dict,
+               take_step: Callable[[int, torch.Generator, int], None], steps: range, size: int, seed: int,
+               ingredients: list[dict[str, Tensor]] | None) -> None:
+    """A sparse model soup's other ``size - 1`` fine-tunes over ``steps`` from ``start`` (the model has just
+    ended the first), then the model set to the average of all ``size`` (see prune_finetune)."""
+    states = [copy.deepcopy(model.state_dict())]
+    for ingredient in range(1, size):
+        model.load_state_dict(start["model"])
+        optimizer.load_state_dict(start["sgd"])
+        if lookahead is not None:
+            vars(lookahead).update(copy.deepcopy(start["lookahead"]))
+        batches = torch.Generator().manual_seed(seed + 7919 + 1_000_003 * ingredient)  # not the first's batches
+        for step in steps:
+            take_step(step, batches, ingredient)
+        if lookahead is not None:
+            lookahead.finish(model)
+        states.append(copy.deepcopy(model.state_dict()))
+    if ingredients is not None:
+        ingredients.extend(states)
+    model.load_state_dict(average_states(states))
+
+
+def average_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The element-wise mean of state dicts with the same keys and shapes (floating tensors, averaged in
+    float32 and cast back); other tensors (BN's batch counters) are the first state's."""
+    if not states:
+        raise ValueError("nothing to average")
+    keys = states[0].keys()
+    if any(state.keys() != keys for state in states):
+        raise ValueError("the states to average hold different tensors")
+    return {k: (torch.stack([state[k].float() for state in states]).mean(0).to(states[0][k].dtype)
+                if states[0][k].is_floating_point() else states[0][k].clone()) for k in keys}
 
 
 def finetune(model: GatedNet, images: Tensor, labels: Tensor, steps: int, cfg: TrainConfig, seed: int,
