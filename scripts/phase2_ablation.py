@@ -237,7 +237,7 @@ def main() -> None:
                          smoothing, bn, decay, schedule, features, ends, soup, batch_seed)] = flat_mask(masks)
             print("  kept per layer: " + ", ".join(f"{name} {mask.float().mean().item():.3f}"
                                                    for name, mask in masks.items()), flush=True)
-        for i, state in enumerate(ingredients if soup > 1 else []):  # the soup's fine-tunes, one by one
+        for i, state in enumerate(ingredients):  # the soup's fine-tunes, one by one (none without a soup)
             alone = copy.deepcopy(model)  # the same installed masks
             alone.load_state_dict(state)
             val = validation(alone)

@@ -917,12 +917,12 @@ def prune_finetune(
             torch.cuda.set_rng_state(saved["cuda_rng"].cpu())
         progress.resumed_step, progress.earlier_seconds = start, float(saved["seconds"])
         log.info("phase 2: resumed at step %d of %d from %s", start, pcfg.steps, progress.path)
-    soup_from = max(fixed_from, ramp_until)  # the first step on the final mask
+    final_from = max(fixed_from, ramp_until)  # the first step on the final mask
     soup_start: dict | None = None  # the state every soup ingredient fine-tunes from
 
     def take_step(step: int, batches: torch.Generator, ingredient: int) -> None:
         """One optimiser step on a batch drawn from ``batches`` (the masks as the caller installed them)."""
-        factor = _phase2_lr_factor(step, pcfg.steps, max(fixed_from, ramp_until) if pcfg.lr_schedule == "hold" else 0)
+        factor = _phase2_lr_factor(step, pcfg.steps, final_from if pcfg.lr_schedule == "hold" else 0)
         optimizers = [o for o in (optimizer, score_optimizer) if o is not None]
         for opt in optimizers:
             _set_lr(opt, factor)
@@ -974,14 +974,14 @@ def prune_finetune(
             if budget is None:
                 rank = "lamp" if pcfg.criterion == "lamp" else "effective"
                 model.set_train_masks(sampled_train_masks(model, share, rank, dense) if share < 1.0 else None)
-        if step == soup_from and pcfg.soup > 1:
+        if step == final_from and pcfg.soup > 1:
             soup_start = copy.deepcopy({"model": model.state_dict(), "sgd": optimizer.state_dict(),
                                         "lookahead": vars(lookahead) if lookahead is not None else None})
         take_step(step, generator, 0)
     if lookahead is not None:
         lookahead.finish(model)
-    if pcfg.soup > 1 and soup_start is not None:
-        _cook_soup(model, optimizer, lookahead, soup_start, take_step, range(soup_from, pcfg.steps), pcfg.soup,
+    if soup_start is not None:  # a soup, and its steps on the final mask were reached
+        _cook_soup(model, optimizer, lookahead, soup_start, take_step, range(final_from, pcfg.steps), pcfg.soup,
                    seed, ingredients)
     if teacher is not None:
         teacher.save()
