@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -157,6 +158,37 @@ def test_dense_ends_ship_a_fine_tuned_variant_with_stem_and_head_whole(image_fol
         0.1 * params["prunable"])
     model = checkpoint.load_model(out / variant["file"])  # pruned with the rest they kept 24 % and 88 % here
     assert bool((model.stem.weight != 0).all()) and bool((model.head.weight != 0).all())
+
+
+def test_soup_averages_every_fine_tune_of_a_run_and_is_recorded(image_folder: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """--soup N reaches every phase-2 fine-tune (weight and channel) and the manifest; below 1 it is refused;
+    a work dir recorded before the flag existed resumes under its default, and only under it."""
+    out, work = tmp_path / "models", tmp_path / "runs"
+    args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(work), "--seeds", "1",
+            "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8", "--val-size", "3",
+            "--keeps", "0.1", "--methods", "gate_magnitude", "--prune-steps", "4", "--calib-images", "8",
+            "--precision", "fp32", "--channel-keeps", "0.5", "--channel-steps", "2", "--ship-finetune-min-gain", "-100"]
+    with pytest.raises(SystemExit):
+        prune_train([*args, "--soup", "0"])
+    assert "--soup averages 1 or more fine-tunes, not 0" in capsys.readouterr().err
+    soups, real = [], pipeline.prune_finetune
+    monkeypatch.setattr(pipeline, "prune_finetune", lambda *a, **k: soups.append(a[5].soup) or real(*a, **k))
+    assert prune_train([*args, "--soup", "2"]) == 0
+    assert soups == [2, 2]  # the weight fine-tune and the channel one
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["phase2"]["soup"] == 2
+    [variant] = [v for v in manifest["variants"] if v["keep"] == 0.1]
+    params = variant["params"]
+    assert variant["finetuned"] and params["nonzero"] - (params["total"] - params["prunable"]) <= round(
+        0.1 * params["prunable"])  # the average of one mask's fine-tunes keeps that mask
+    record = json.loads((work / "run-config.json").read_text())
+    (work / "run-config.json").write_text(json.dumps({k: v for k, v in record.items() if k != "soup"}))
+    with pytest.raises(SystemExit, match=r"other settings \(soup\)"):
+        prune_train([*args, "--soup", "2"])  # a record without the flag was made without a soup
+    shutil.rmtree(work / "seed-0")  # (its results were made with a soup: the record above is a stand-in)
+    assert prune_train(args) == 0
 
 
 def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tmp_path: Path,
@@ -321,6 +353,19 @@ def test_a_run_cut_inside_a_fine_tune_resumes_at_its_last_save(image_folder: Pat
     assert "left: nothing" in status("b")
     assert [v["sha256"] for v in resumed["variants"]] == [v["sha256"] for v in uncut["variants"]]
     assert resumed["sweep"] == uncut["sweep"]
+
+
+def test_status_says_which_soup_ingredient_a_cut_fine_tune_is_in(tmp_path: Path) -> None:
+    """A soup's save counts the work of every ingredient: step 4 of 6 in the third is not 4/6 done."""
+    save = tmp_path / "keep0.1.progress.pt"
+    torch.save({"step": 4, "soup": {"ingredient": 2, "share": 0.75}}, save)
+    assert pipeline._saved_progress(save, 6) == ("saved at step 4 of 6 of soup ingredient 3", 0.75)
+    torch.save({"step": 3, "soup": {"ingredient": 0, "share": 0.25}}, save)
+    assert pipeline._saved_progress(save, 6) == ("saved at step 3 of 6", 0.25)
+    torch.save({"step": 3}, save)  # saved before soups existed
+    assert pipeline._saved_progress(save, 6) == ("saved at step 3 of 6", 0.5)
+    save.write_bytes(b"damaged")
+    assert pipeline._saved_progress(save, 6) is None
 
 
 def test_io_helper_reads_jpeg_bytes() -> None:

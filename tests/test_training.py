@@ -344,14 +344,11 @@ def test_a_soup_averages_fine_tunes_of_one_mask_the_first_on_the_runs_own_batche
         assert not layer.effective_weight()[~masks[name]].any()
 
 
-def test_a_soup_refuses_a_size_below_one_and_a_progress_file(tmp_path: Path) -> None:
+def test_a_soup_refuses_a_size_below_one_and_unlike_states() -> None:
     images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,))
     with pytest.raises(ValueError, match="1 or more"):
         prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8), PruneConfig(steps=2, soup=0),
                        seed=0)
-    with pytest.raises(ValueError, match="progress"):
-        prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8), PruneConfig(steps=2, soup=2),
-                       seed=0, progress=Phase2Checkpoint(tmp_path / "p.pt"))
     with pytest.raises(ValueError, match="different tensors"):
         average_states([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
 
@@ -480,7 +477,9 @@ def _phase2_run(monkeypatch: pytest.MonkeyPatch, mode: str, keep: float = 0.2,
             "lookahead": PruneConfig(steps=20, gate_lr=0.05, lookahead=True),
             "hard_concrete": PruneConfig(steps=20, gate_lr=0.5, gate_fn="hard_concrete"),
             "one_shot": PruneConfig(steps=20, gradual=False),
-            "channel_ramp": PruneConfig(steps=20, gradual=False)}[mode]
+            "channel_ramp": PruneConfig(steps=20, gradual=False),
+            "soup": PruneConfig(steps=20, gate_lr=0.05, soup=3),
+            "soup_lookahead": PruneConfig(steps=20, gate_lr=0.05, soup=3, lookahead=True)}[mode]
     extra: dict = {}
     if mode == "channel_ramp":
         scores = {name: torch.linspace(0, 1, conv.out_channels) for name, conv, _, _ in model.conv_chain()}
@@ -502,6 +501,33 @@ def test_phase2_cut_mid_run_resumes_at_its_last_save_and_ends_bitwise_as_an_uncu
     resumed = Phase2Checkpoint(saves.path, every=4)
     masks, state = _phase2_run(monkeypatch, mode, progress=resumed)
     assert resumed.resumed_step == resumed_step and resumed.earlier_seconds > 0
+    assert all(torch.equal(masks[n], reference_masks[n]) for n in reference_masks)
+    assert all(torch.equal(state[k], reference_state[k]) for k in reference_state)
+
+
+@pytest.mark.parametrize("mode", ["soup", "soup_lookahead"])
+# The mask is final at step 10; ingredient 0 makes loss calls 1-20 (steps 0-19), ingredients 1 and 2 make
+# calls 21-30 and 31-40 (steps 10-19 each). Saves are every 4 steps, never at an ingredient's first step.
+@pytest.mark.parametrize(("cut_at_call", "resumed_step", "resumed_ingredient", "share"), [
+    (15, 12, 0, 12 / 40),  # before the first ingredient ends: the soup's start state is in the save
+    (22, 16, 0, 16 / 40),  # on ingredient 1's second step: its first step made no save, so back to ingredient 0
+    (27, 16, 1, 26 / 40),  # mid ingredient 1
+    (35, 12, 2, 32 / 40),  # mid ingredient 2, ingredients 0 and 1 done and in the save
+])
+def test_a_soup_cut_mid_ingredient_resumes_in_it_and_ends_bitwise_as_an_uncut_soup(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mode: str, cut_at_call: int, resumed_step: int,
+        resumed_ingredient: int, share: float) -> None:
+    reference_masks, reference_state = _phase2_run(monkeypatch, mode)
+    saves = Phase2Checkpoint(tmp_path / "keep0.2.progress.pt", every=4)
+    with pytest.raises(_Cut):
+        _phase2_run(monkeypatch, mode, progress=saves, cut_at_call=cut_at_call)
+    saved = torch.load(saves.path, weights_only=True)
+    assert (saved["step"], saved["soup"]["ingredient"]) == (resumed_step, resumed_ingredient)
+    assert saved["soup"]["share"] == pytest.approx(share)
+    assert len(saved["soup"]["done"]) == resumed_ingredient
+    resumed = Phase2Checkpoint(saves.path, every=4)
+    masks, state = _phase2_run(monkeypatch, mode, progress=resumed)
+    assert resumed.resumed_step == resumed_step
     assert all(torch.equal(masks[n], reference_masks[n]) for n in reference_masks)
     assert all(torch.equal(state[k], reference_state[k]) for k in reference_state)
 

@@ -142,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                                           "temperature")
     pr.add_argument("--dense-ends", action=argparse.BooleanOptionalAction, default=prune_defaults.dense_ends,
                     help="phase 2 keeps the stem and the head whole (their weights count towards the K)")
+    pr.add_argument("--soup", type=int, default=prune_defaults.soup,
+                    help="sparse model soup: fine-tune each variant's final mask this many times on batches of "
+                         "their own and average the weights (1: off; every fine-tune, weight and channel)")
     pr.add_argument("--ship-criterion", choices=CRITERIA, default="gate_magnitude",
                     help="criterion of the exported weight variants")
     pr.add_argument("--scope", choices=SCOPES, default="global", help="rank weights across the net or per layer")
@@ -172,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             check_keep(keep)
         except ValueError as exc:
             p.error(str(exc))
+    if args.soup < 1:
+        p.error(f"--soup averages 1 or more fine-tunes, not {args.soup}")
     if 1.0 not in args.keeps:
         args.keeps = [1.0, *args.keeps]
     args.keeps = sorted(set(args.keeps), reverse=True)
@@ -183,8 +188,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 _RESULT_NEUTRAL = {"out", "work_dir", "cache_dir", "device", "threads", "seeds", "release_seed", "data", "status"}
 
 
+# Flags added after work dirs were first recorded, with the value every run before them had: a record
+# without one is that value, so a work dir made before the flag resumes under its default.
+_ADDED_FLAGS = {"soup": 1}
+
+
 def _result_flags(args: argparse.Namespace) -> dict:
     return {k: v for k, v in sorted(vars(args).items()) if k not in _RESULT_NEUTRAL}
+
+
+def _recorded_flags(record: Path) -> dict:
+    return {**_ADDED_FLAGS, **json.loads(record.read_text())}
 
 
 def _guard_work_dir(args: argparse.Namespace, dataset_sha: str, precision: str) -> None:
@@ -200,7 +214,7 @@ def _guard_work_dir(args: argparse.Namespace, dataset_sha: str, precision: str) 
     wanted["recipe_version"] = RECIPE_VERSION
     record = work / "run-config.json"
     if record.exists():
-        found = json.loads(record.read_text())
+        found = _recorded_flags(record)
         diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
         if diff:
             hint = (f" (it was trained in {found.get('precision')}: pass --precision {found.get('precision')} to "
@@ -222,7 +236,7 @@ def _train_config(args: argparse.Namespace, precision: str) -> TrainConfig:
 def _prune_config(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(steps=args.prune_steps, prune_share=args.prune_share, lr=args.prune_lr,
                        gate_lr=args.prune_gate_lr, distill=args.distill, temperature=args.temperature,
-                       criterion=args.prune_criterion, dense_ends=args.dense_ends)
+                       criterion=args.prune_criterion, dense_ends=args.dense_ends, soup=args.soup)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -390,12 +404,18 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
     return rows
 
 
-def _saved_step(progress_file: Path) -> int | None:
-    """The step a cut fine-tune's save holds, or None if there is no readable one."""
+def _saved_progress(progress_file: Path, steps: int) -> tuple[str, float] | None:
+    """Where a cut fine-tune's save stands, in words, and the share of its work done (a soup's further
+    ingredients included), or None if there is no readable save."""
     try:
-        return int(torch.load(progress_file, map_location="cpu", weights_only=True)["step"])
+        saved = torch.load(progress_file, map_location="cpu", weights_only=True)
+        step, soup = int(saved["step"]), saved.get("soup") or {}
     except Exception:  # noqa: BLE001 - unreadable or damaged: the fine-tune starts again, so report no save
         return None
+    where = f"saved at step {step} of {steps}"
+    if soup.get("ingredient"):
+        where += f" of soup ingredient {soup['ingredient'] + 1}"
+    return where, float(soup.get("share", step / max(1, steps)))
 
 
 def status(args: argparse.Namespace) -> str:
@@ -405,7 +425,7 @@ def status(args: argparse.Namespace) -> str:
     record = work / "run-config.json"
     lines = [f"prune-train status: {work}" + (" (empty: nothing run yet)" if not record.exists() else "")]
     if record.exists():
-        found = json.loads(record.read_text())
+        found = _recorded_flags(record)
         lines[0] += f" (precision {found.get('precision')}, recipe {found.get('recipe_version')})"
         wanted = _result_flags(args)
         try:  # recorded as resolved (see _guard_work_dir)
@@ -441,10 +461,10 @@ def status(args: argparse.Namespace) -> str:
                 finished["channel" if kind == "channel" else "sweep"] += 1
                 spent[kind].append(json.loads(done.read_text())["seconds"])
                 continue
-            step = _saved_step(_progress_file(done))
-            left[kind] += 1 - (step or 0) / max(1, steps)
-            if step is not None:
-                cut.append(f"{prefix}{done.stem} saved at step {step} of {steps}")
+            saved = _saved_progress(_progress_file(done), steps)
+            left[kind] += 1 - (saved[1] if saved else 0.0)
+            if saved is not None:
+                cut.append(f"{prefix}{done.stem} {saved[0]}")
         lines.append(f"seed {seed}: phase 1 {trained}/{epochs} epochs, sweep {finished['sweep']}/"
                      f"{len(items) - len(args.channel_keeps)} variants, "
                      f"channel {finished['channel']}/{len(args.channel_keeps)} keeps"

@@ -153,7 +153,7 @@ class PruneConfig:
     # same state, each on its own batches and augmentation, and average the weights. One mask, so the
     # average has exactly the same survivors; its cost is (soup - 1) more fixed-mask fine-tunes. 1 = off.
     # 3 scored +0.20 ± 0.11 points over the plain run at keep 0.05 on validation, two paired batch seeds, at
-    # 2.2x phase 2's time (docs/training.md); off until prune-train's progress saves cover a soup.
+    # 2.2x phase 2's time (docs/training.md); off (prune-train --soup).
     soup: int = 1
 
     def to_dict(self) -> dict:
@@ -723,9 +723,12 @@ def _phase2_fingerprint(keep: float, cfg: TrainConfig, pcfg: PruneConfig, seed: 
 def _save_phase2(ckpt: Phase2Checkpoint, step: int, model: GatedNet, masks: dict[str, Tensor] | None,
                  optimizers: dict[str, torch.optim.Optimizer | None], lookahead: Lookahead | None,
                  scaler: torch.amp.GradScaler | None, generator: torch.Generator, fingerprint: str,
-                 seconds: float) -> None:
+                 seconds: float, soup: dict) -> None:
     state = {
         "fingerprint": fingerprint, "step": step, "seconds": seconds, "model": model.state_dict(),
+        # The soup ingredient this step belongs to, the state every ingredient starts at, the finished
+        # ingredients, and the share of the run's steps (all ingredients') done.
+        "soup": soup,
         # Masks are not in the state dict: the installed ones (a fixed top-K, a channel ramp's width) and
         # the final ones once chosen.
         "installed": {n: layer.mask for n, layer in model.gated_layers() if layer.mask is not None},
@@ -814,7 +817,7 @@ def prune_finetune(
     otherwise) the fine-tune runs ``soup`` times from the same state, the first on the run's own batches
     (so it ends where ``soup`` 1 ends), the others each on batches from a generator of their own; the model
     ends as the average of their weights and BN statistics. ``ingredients``, a list, receives each fine-tune's
-    final state dict, in order. Not resumable yet: ``progress`` with ``soup`` > 1 is refused.
+    final state dict, in order. Progress saves cover a soup: a cut run resumes in the ingredient it was in.
     """
     if pcfg.criterion not in PHASE2_CRITERIA:
         raise ValueError(f"phase 2 ranks by one of {', '.join(PHASE2_CRITERIA)}, not {pcfg.criterion!r}")
@@ -834,8 +837,6 @@ def prune_finetune(
         raise ValueError("dense_ends keeps the end layers whole; hard-concrete gates would still sample them off")
     if pcfg.soup < 1:
         raise ValueError(f"a soup averages 1 or more fine-tunes, not {pcfg.soup}")
-    if pcfg.soup > 1 and progress is not None:
-        raise ValueError("a soup run saves no progress yet: run it without a progress file")
     dense = END_LAYERS if pcfg.dense_ends else ()
     device = images.device
     began = time.perf_counter()
@@ -846,7 +847,12 @@ def prune_finetune(
                                           channel_ramp=channel_ramp, masks=masks or {},
                                           channel_scores=channel_scores or {}, model=start_state,
                                           data={"images": images, "labels": labels})
-    generator = torch.Generator().manual_seed(seed + 7919)
+
+    def soup_batches(ingredient: int) -> torch.Generator:
+        """Where an ingredient's batches and augmentation come from (ingredient 0: the plain run's)."""
+        return torch.Generator().manual_seed(seed + 7919 + 1_000_003 * ingredient)
+
+    generator = soup_batches(0)
     if teacher is not None and not isinstance(teacher, Teacher):
         teacher = Teacher(teacher)
     _learn_bn_weights(model, pcfg.bn_weights)
@@ -889,7 +895,9 @@ def prune_finetune(
         model.set_masks(masks if ramp_until == 0 else None)
     elif fixed_from == 0:
         masks = prune(model, pcfg.criterion, keep, scope, floor, seed, dense)
-    start = 0
+    start, first_ingredient = 0, 0
+    soup_start: dict | None = None  # the state every soup ingredient fine-tunes from
+    done: list[dict[str, Tensor]] = []  # the soup's finished ingredients
     saved = _load_phase2(progress, fingerprint, device) if progress is not None else None
     if saved is not None:
         start = int(saved["step"])
@@ -916,9 +924,10 @@ def prune_finetune(
         if saved["cuda_rng"].numel() and device.type == "cuda":
             torch.cuda.set_rng_state(saved["cuda_rng"].cpu())
         progress.resumed_step, progress.earlier_seconds = start, float(saved["seconds"])
+        soup = saved.get("soup") or {"ingredient": 0, "start": {}, "done": []}  # (saves from before soups)
+        first_ingredient, soup_start, done = int(soup["ingredient"]), soup["start"] or None, soup["done"]
         log.info("phase 2: resumed at step %d of %d from %s", start, pcfg.steps, progress.path)
     final_from = max(fixed_from, ramp_until)  # the first step on the final mask
-    soup_start: dict | None = None  # the state every soup ingredient fine-tunes from
 
     def take_step(step: int, batches: torch.Generator, ingredient: int) -> None:
         """One optimiser step on a batch drawn from ``batches`` (the masks as the caller installed them)."""
@@ -951,38 +960,60 @@ def prune_finetune(
             lookahead.after_step(model, step + 1, pcfg.steps)
 
     model.train()
-    for step in range(start, pcfg.steps):
-        if progress is not None and step > start and step % progress.every == 0:
-            _save_phase2(progress, step, model, masks, {"sgd": optimizer, "scores": score_optimizer}, lookahead,
-                         scaler, generator, fingerprint,
-                         progress.earlier_seconds + time.perf_counter() - began)
-            if teacher is not None:
-                teacher.save()
-        if step == fixed_from and masks is None:
-            masks = fix_mask()
-            if score_optimizer is not None:  # the mask is final: the scores have done their work
-                for s in scores:
-                    s.requires_grad_(False)
-                    s.grad = None
-                score_optimizer = None
-        if step < ramp_until and step % CHANNEL_RAMP_EVERY == 0:
-            model.set_masks(channel_masks(model, _kept_share(step, ramp_until, keep, 1.0), channel_scores))
-        elif ramp_until and step == ramp_until:
-            model.set_masks(masks)
-        if step < fixed_from:
-            share = _kept_share(step, fixed_from, keep, 1.0, start_keep)
-            if budget is None:
-                rank = "lamp" if pcfg.criterion == "lamp" else "effective"
-                model.set_train_masks(sampled_train_masks(model, share, rank, dense) if share < 1.0 else None)
-        if step == final_from and pcfg.soup > 1:
-            soup_start = copy.deepcopy({"model": model.state_dict(), "sgd": optimizer.state_dict(),
-                                        "lookahead": vars(lookahead) if lookahead is not None else None})
-        take_step(step, generator, 0)
-    if lookahead is not None:
-        lookahead.finish(model)
-    if soup_start is not None:  # a soup, and its steps on the final mask were reached
-        _cook_soup(model, optimizer, lookahead, soup_start, take_step, range(final_from, pcfg.steps), pcfg.soup,
-                   seed, ingredients)
+    tail = pcfg.steps - final_from  # steps on the final mask, which every further soup ingredient takes again
+    total_work = pcfg.steps + (pcfg.soup - 1) * tail
+
+    def save_progress(step: int, ingredient: int, batches: torch.Generator) -> None:
+        work = pcfg.steps + (ingredient - 1) * tail + step - final_from if ingredient else step
+        _save_phase2(progress, step, model, masks, {"sgd": optimizer, "scores": score_optimizer}, lookahead,
+                     scaler, batches, fingerprint, progress.earlier_seconds + time.perf_counter() - began,
+                     {"ingredient": ingredient, "start": soup_start or {}, "done": done, "share": work / total_work})
+        if teacher is not None:
+            teacher.save()
+
+    for ingredient in range(first_ingredient, pcfg.soup):
+        if ingredient > 0 and soup_start is None:
+            break  # the mask was never final before the last step: nothing to fine-tune again
+        if ingredient == first_ingredient:
+            first = start  # this run's own first step, or the resumed save's
+        else:  # a further soup ingredient, from the state every ingredient starts at, on batches of its own
+            model.load_state_dict(soup_start["model"])
+            optimizer.load_state_dict(soup_start["sgd"])
+            if lookahead is not None:
+                vars(lookahead).update(copy.deepcopy(soup_start["lookahead"]))
+            generator, first = soup_batches(ingredient), final_from
+        for step in range(first, pcfg.steps):
+            if progress is not None and step > first and step % progress.every == 0:
+                save_progress(step, ingredient, generator)
+            if ingredient == 0:  # the mask's schedule (the other ingredients start on the final mask)
+                if step == fixed_from and masks is None:
+                    masks = fix_mask()
+                    if score_optimizer is not None:  # the mask is final: the scores have done their work
+                        for s in scores:
+                            s.requires_grad_(False)
+                            s.grad = None
+                        score_optimizer = None
+                if step < ramp_until and step % CHANNEL_RAMP_EVERY == 0:
+                    model.set_masks(channel_masks(model, _kept_share(step, ramp_until, keep, 1.0), channel_scores))
+                elif ramp_until and step == ramp_until:
+                    model.set_masks(masks)
+                if step < fixed_from:
+                    share = _kept_share(step, fixed_from, keep, 1.0, start_keep)
+                    if budget is None:
+                        rank = "lamp" if pcfg.criterion == "lamp" else "effective"
+                        model.set_train_masks(sampled_train_masks(model, share, rank, dense) if share < 1.0 else None)
+                if step == final_from and pcfg.soup > 1:
+                    soup_start = copy.deepcopy({"model": model.state_dict(), "sgd": optimizer.state_dict(),
+                                                "lookahead": vars(lookahead) if lookahead is not None else {}})
+            take_step(step, generator, ingredient)
+        if lookahead is not None:
+            lookahead.finish(model)
+        if soup_start is not None:
+            done.append(copy.deepcopy(model.state_dict()))
+    if done:  # a soup: the average of its ingredients
+        if ingredients is not None:
+            ingredients.extend(done)
+        model.load_state_dict(average_states(done))
     if teacher is not None:
         teacher.save()
     model.set_train_masks(None)
@@ -994,28 +1025,6 @@ def prune_finetune(
         p.requires_grad_(True)
     model.eval()
     return masks
-
-
-def _cook_soup(model: GatedNet, optimizer: torch.optim.Optimizer, lookahead: Lookahead | None, start: dict,
-               take_step: Callable[[int, torch.Generator, int], None], steps: range, size: int, seed: int,
-               ingredients: list[dict[str, Tensor]] | None) -> None:
-    """A sparse model soup's other ``size - 1`` fine-tunes over ``steps`` from ``start`` (the model has just
-    ended the first), then the model set to the average of all ``size`` (see prune_finetune)."""
-    states = [copy.deepcopy(model.state_dict())]
-    for ingredient in range(1, size):
-        model.load_state_dict(start["model"])
-        optimizer.load_state_dict(start["sgd"])
-        if lookahead is not None:
-            vars(lookahead).update(copy.deepcopy(start["lookahead"]))
-        batches = torch.Generator().manual_seed(seed + 7919 + 1_000_003 * ingredient)  # not the first's batches
-        for step in steps:
-            take_step(step, batches, ingredient)
-        if lookahead is not None:
-            lookahead.finish(model)
-        states.append(copy.deepcopy(model.state_dict()))
-    if ingredients is not None:
-        ingredients.extend(states)
-    model.load_state_dict(average_states(states))
 
 
 def average_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
