@@ -3,15 +3,16 @@
 # winning setting, inside a wall-clock budget (seconds, $1); results packed under $OUT. The work dir
 # (/tmp/w/runs) resumes, so a run cut by the budget finishes on a second call to the same machine.
 # ABLATION=0 skips the ablation (110 s) and runs the pipeline with its defaults (the ablation's past winner).
+# PRUNE_FLAGS adds prune-train flags (e.g. PRUNE_FLAGS="--soup 3"); a work dir resumes only with the same ones.
 set -uo pipefail
 budget=${1:-570}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$(pwd)"
 t0=$(date +%s)
 data=.gpu/cifar10-jpeg.tar.gz
-flags=""
+flags="${PRUNE_FLAGS:-}"
 if [ "${ABLATION:-1}" != 0 ]; then
   timeout 110 python3 scripts/recipe_ablation.py "$data" 2>&1 | tee "$OUT/ablation.txt"
-  flags=$(grep '^FLAGS' "$OUT/ablation.txt" | cut -c7-)
+  flags="$flags $(grep '^FLAGS' "$OUT/ablation.txt" | cut -c7-)"
 fi
 left=$(( budget - ($(date +%s) - t0) ))
 echo "full pipeline with flags [$flags], $left s left"

@@ -40,6 +40,12 @@ are not touched.
         --keep 0.1 --steps 600 --gate-fns hard_concrete --gate-lrs 0.05 --hc-ranks log_alpha effective  # L0 gates
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.05 --steps 600 --soups 3     # average 3 fine-tunes of the final mask (each also reported)
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
+        --keep 0.1 --steps 600 --soups 3 --progress-dir runs/ablation   # the same command again resumes
+
+With --progress-dir every run saves its progress there every 50 steps and its result when it ends: the same
+command run again prints the recorded results, resumes a cut run at its last save and runs the rest (a save
+or a result made with other settings is never used: each run's files are named by all of its settings).
 """
 
 from __future__ import annotations
@@ -47,11 +53,14 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
 import itertools
+import json
 import logging
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -77,6 +86,7 @@ from training.train import (
     PHASE2_CRITERIA,
     PHASE2_GATES,
     PHASE2_SCHEDULES,
+    Phase2Checkpoint,
     PruneConfig,
     Teacher,
     TrainConfig,
@@ -153,6 +163,8 @@ def main() -> None:
                         "the data order alone causes")
     p.add_argument("--baseline", help="a shipped checkpoint of the same seed to report alongside "
                                       "(e.g. models/variants/channel-keep0.625-ft.safetensors: 300 steps)")
+    p.add_argument("--progress-dir", type=Path, help="resumable: every run's progress (every 50 steps) and "
+                                                     "result go here; the same command again picks up")
     args = p.parse_args()
     logging.basicConfig(format="  %(message)s", level=logging.INFO)  # phase 2's hard-concrete trace
     device = select_device("auto")
@@ -198,7 +210,11 @@ def main() -> None:
         recalibrate_bn(model, calib, precision=precision)
         return accuracy(model, val_x, val_y, precision=precision)
 
-    distiller = Teacher(teacher)  # runs of one batch seed draw the same batches: their teacher logits are computed once
+    # Runs of one batch seed draw the same batches: their teacher logits are computed once (and kept on disk
+    # with --progress-dir; entries are keyed by the teacher's weights, so one file serves any --dense).
+    if args.progress_dir is not None:
+        args.progress_dir.mkdir(parents=True, exist_ok=True)
+    distiller = Teacher(teacher, args.progress_dir / "teacher-logits.pt" if args.progress_dir else None)
     results: dict[str, dict[int, float]] = {}  # setting → batch seed → validation accuracy
     gate_settings = [(fn, rank) for fn in gate_fns for rank in (args.hc_ranks if fn == "hard_concrete" else ["-"])]
     for (allocation, ranking, steps, distill, (gate_fn, hc_rank), gate_lr, share, ema, tta, ramp, temperature,
@@ -206,6 +222,23 @@ def main() -> None:
             allocations, rankings, args.steps, args.distill, gate_settings, gate_lrs, shares, args.lookahead,
             args.teacher_tta, ramps, args.temperatures, args.smoothing, args.bn_weights, args.decay_scales,
             args.lr_schedules, args.feature_distill, dense_ends, args.soups, args.batch_seeds):
+        run = (allocation, ranking, steps, distill, gate_fn, hc_rank, gate_lr, share, ema, tta, ramp, temperature,
+               smoothing, bn, decay, schedule, features, ends, soup, batch_seed)
+        record, progress = None, None
+        if args.progress_dir is not None:  # files named by everything the run depends on
+            name = _digest(repr((args.dense, args.granularity, args.keep, args.lr, args.chain_from, args.hc_init,
+                                 args.hc_penalty, args.ranking_images, run)))
+            record = args.progress_dir / f"run-{name}.json"
+            progress = Phase2Checkpoint(args.progress_dir / f"run-{name}.progress.pt")
+        if record is not None and record.exists():
+            done = json.loads(record.read_text())
+            for i, val in enumerate(done["ingredients"]):
+                print(f"  soup ingredient {i}: validation {val:.2f} % (drop {dense_val - val:.2f})", flush=True)
+            results.setdefault(done["setting"], {})[batch_seed] = done["validation"]
+            print(f"{done['setting']}, batch seed {batch_seed}: validation {done['validation']:.2f} % (drop "
+                  f"{dense_val - done['validation']:.2f}) in {done['seconds']:.0f} s (recorded in {record})",
+                  flush=True)
+            continue
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
         pcfg = replace(PruneConfig(), steps=steps, lr=args.lr, distill=distill, gate_lr=gate_lr, prune_share=share,
@@ -219,7 +252,7 @@ def main() -> None:
             masks = channel_masks(model, args.keep, scores[ranking], widths[allocation])
             prune_finetune(model, train_x, train_y, args.keep, run_cfg, replace(pcfg, gradual=False), batch_seed,
                            teacher=distiller, masks=masks, channel_scores=scores[ranking], channel_ramp=ramp,
-                           ingredients=ingredients)
+                           ingredients=ingredients, progress=progress)
         else:  # prune-train's defaults for weight variants: global scope, 0.2 % floor per layer
             prune_weights = functools.partial(prune_finetune, model, train_x, train_y, cfg=run_cfg,
                                               pcfg=replace(pcfg, criterion=ranking), seed=batch_seed,
@@ -232,16 +265,18 @@ def main() -> None:
                       f" in {time.perf_counter() - began:.0f} s", flush=True)
                 bake_masks(model)
                 start = args.chain_from
-            masks = prune_weights(args.keep, start_keep=start)
+            masks = prune_weights(args.keep, start_keep=start, progress=progress)  # (a first stage runs again)
             final_masks[(ranking, steps, distill, gate_fn, hc_rank, gate_lr, share, ema, tta, temperature,
                          smoothing, bn, decay, schedule, features, ends, soup, batch_seed)] = flat_mask(masks)
             print("  kept per layer: " + ", ".join(f"{name} {mask.float().mean().item():.3f}"
                                                    for name, mask in masks.items()), flush=True)
+        ingredient_vals = []
         for i, state in enumerate(ingredients):  # the soup's fine-tunes, one by one (none without a soup)
             alone = copy.deepcopy(model)  # the same installed masks
             alone.load_state_dict(state)
-            val = validation(alone)
-            print(f"  soup ingredient {i}: validation {val:.2f} % (drop {dense_val - val:.2f})", flush=True)
+            ingredient_vals.append(validation(alone))
+            print(f"  soup ingredient {i}: validation {ingredient_vals[-1]:.2f} % "
+                  f"(drop {dense_val - ingredient_vals[-1]:.2f})", flush=True)
         val = validation(model)
         gates = "" if args.granularity != "weight" else (
             f", {gate_fn} gates"
@@ -256,8 +291,16 @@ def main() -> None:
                    f"BN weights {'learned' if bn else 'frozen'}, weight decay ×{decay:g}, {schedule} lr"
                    f" (teacher TTA {tta}){gates}" + (f", soup of {soup}" if soup > 1 else ""))
         results.setdefault(setting, {})[batch_seed] = val
+        seconds = time.perf_counter() - began + (progress.earlier_seconds if progress is not None else 0.0)
         print(f"{setting}, batch seed {batch_seed}: validation {val:.2f} % (drop {dense_val - val:.2f}) "
-              f"in {time.perf_counter() - began:.0f} s", flush=True)
+              f"in {seconds:.0f} s" + (f" (resumed at step {progress.resumed_step})" if progress and
+                                       progress.resumed_step else ""), flush=True)
+        if record is not None:
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"setting": setting, "validation": val, "ingredients": ingredient_vals,
+                                       "seconds": round(seconds, 1)}))
+            tmp.replace(record)  # whole or not at all
+            progress.path.unlink(missing_ok=True)
     if len(args.batch_seeds) > 1:
         print(seed_summary(results, dense_val), flush=True)
     if final_masks:  # how much the survivors depend on the gates (and on the schedule) at all
@@ -273,6 +316,10 @@ def main() -> None:
             for other, other_mask in runs[i + 1:]:
                 print(f"  ... also in {other}'s: {(mask & other_mask).sum().item() / mask.sum().item():.3f}",
                       flush=True)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def seed_summary(results: dict[str, dict[int, float]], dense_val: float) -> str:
