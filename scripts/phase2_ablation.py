@@ -214,6 +214,9 @@ def main() -> None:
     # with --progress-dir; entries are keyed by the teacher's weights, so one file serves any --dense).
     if args.progress_dir is not None:
         args.progress_dir.mkdir(parents=True, exist_ok=True)
+    # The teacher's bytes, the data (through the teacher's validation accuracy), device and precision: a
+    # recorded result is reused only where the same run would make it again.
+    dense_id = (hashlib.sha256(Path(args.dense).read_bytes()).hexdigest(), f"{dense_val:.4f}", str(device), precision)
     distiller = Teacher(teacher, args.progress_dir / "teacher-logits.pt" if args.progress_dir else None)
     results: dict[str, dict[int, float]] = {}  # setting → batch seed → validation accuracy
     gate_settings = [(fn, rank) for fn in gate_fns for rank in (args.hc_ranks if fn == "hard_concrete" else ["-"])]
@@ -226,7 +229,7 @@ def main() -> None:
                smoothing, bn, decay, schedule, features, ends, soup, batch_seed)
         record, progress = None, None
         if args.progress_dir is not None:  # files named by everything the run depends on
-            name = _digest(repr((args.dense, args.granularity, args.keep, args.lr, args.chain_from, args.hc_init,
+            name = _digest(repr((dense_id, args.granularity, args.keep, args.lr, args.chain_from, args.hc_init,
                                  args.hc_penalty, args.ranking_images, run)))
             record = args.progress_dir / f"run-{name}.json"
             progress = Phase2Checkpoint(args.progress_dir / f"run-{name}.progress.pt")

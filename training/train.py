@@ -960,7 +960,7 @@ def prune_finetune(
             lookahead.after_step(model, step + 1, pcfg.steps)
 
     model.train()
-    tail = pcfg.steps - final_from  # steps on the final mask, which every further soup ingredient takes again
+    tail = max(0, pcfg.steps - final_from)  # steps on the final mask: every further soup ingredient's
     total_work = pcfg.steps + (pcfg.soup - 1) * tail
 
     def save_progress(step: int, ingredient: int, batches: torch.Generator) -> None:
