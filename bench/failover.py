@@ -111,8 +111,20 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
         events: dict[str, float] = {}
         counts: dict[str, dict[str, int | None]] = {}
 
+        async def until_a_serves(seconds: float) -> bool:
+            """Wait (at most ``seconds``) until the balancer has sent replica A a request it answered."""
+            give_up = time.monotonic() + seconds
+            while time.monotonic() < give_up:
+                if await asyncio.to_thread(served, ports["a"]):
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+
         async def choreography() -> None:
             await asyncio.sleep(args.stop_after)
+            # Stop A only once it is seen in rotation: on a loaded machine the first requests may all
+            # still be in flight at --stop-after, and stopping an idle replica proves nothing.
+            await until_a_serves(args.rejoin_timeout)
             counts["before stop"] = await asyncio.to_thread(served_by_each, ports)
             events["A stopped (SIGTERM)"] = time.monotonic() - began
             replicas["a"].send_signal(signal.SIGTERM)
@@ -123,12 +135,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
             replicas["a"] = launch(args.models_dir, ports["a"], tmp / "a.log")
             await wait_ready(url(ports["a"]), 120, replicas["a"])
             events["A ready"] = time.monotonic() - began
-            give_up = time.monotonic() + args.rejoin_timeout
-            while time.monotonic() < give_up:  # rejoined = the balancer sends it requests again
-                if await asyncio.to_thread(served, ports["a"]):
-                    events["A served again through the balancer"] = time.monotonic() - began
-                    break
-                await asyncio.sleep(0.1)
+            if await until_a_serves(args.rejoin_timeout):  # rejoined = the balancer sends it requests again
+                events["A served again through the balancer"] = time.monotonic() - began
             await asyncio.sleep(max(0.0, began + args.seconds - time.monotonic()))
 
         async def conduct() -> None:
@@ -173,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", default="models")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=25)
-    p.add_argument("--stop-after", type=float, default=5, help="seconds of load before replica A is stopped")
+    p.add_argument("--stop-after", type=float, default=5,
+                   help="seconds of load before replica A is stopped (not before it has served a request)")
     p.add_argument("--restart-after", type=float, default=5, help="seconds A stays down")
     p.add_argument("--rejoin-timeout", type=float, default=30,
                    help="seconds after A is ready that the load goes on waiting for the balancer to use A")

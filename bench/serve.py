@@ -192,15 +192,23 @@ async def main_async(args: argparse.Namespace) -> int:
     for name, r in (("MAX_BATCH=64", batched), ("MAX_BATCH=1 (off)", unbatched)):
         print(f"  {name:>18}: {r['images_per_s']:7.1f} images/s  p50 {r['p50_ms']:6.1f} ms  "
               f"p95 {r['p95_ms']:6.1f} ms  errors {r['errors']}")
-    print(f"  ratio: {batched['images_per_s'] / unbatched['images_per_s']:.2f}x (goal >= 2x)  [Python httpx client]")
+    print(f"  ratio: {_ratio(batched, unbatched)} (goal >= 2x)  [Python httpx client]")
     if batched_wrk and unbatched_wrk:
         for name, r in (("MAX_BATCH=64", batched_wrk), ("MAX_BATCH=1 (off)", unbatched_wrk)):
             print(f"  {name:>18}: {r['images_per_s']:7.1f} images/s  p50 {r['p50_ms']:6.1f} ms  "
                   f"errors {r['errors']}  [wrk]")
-        print(f"  ratio: {batched_wrk['images_per_s'] / unbatched_wrk['images_per_s']:.2f}x (goal >= 2x)  [wrk client]")
+        print(f"  ratio: {_ratio(batched_wrk, unbatched_wrk)} (goal >= 2x)  [wrk client]")
     else:
         print("  (install wrk for a measurement whose client does not compete for the server's CPU)")
     return 0
+
+
+def _ratio(batched: dict, unbatched: dict) -> str:
+    """Batched over unbatched throughput, or why there is none (a loaded machine may finish no unbatched
+    request within --seconds)."""
+    if not unbatched["images_per_s"]:
+        return "not measured: no unbatched request finished in time (raise --seconds)"
+    return f"{batched['images_per_s'] / unbatched['images_per_s']:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:
