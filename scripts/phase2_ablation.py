@@ -68,6 +68,7 @@ from core import checkpoint
 from core.hardware import retain_freed_memory, select_device, select_precision
 from core.model import TTA_LEVELS
 from training.data import channel_stats, load_dataset, normalize, split_validation
+from training.pipeline import write_json_atomic
 from training.prune import (
     CHANNEL_ALLOCATIONS,
     CHANNEL_RANKINGS,
@@ -219,6 +220,15 @@ def main() -> None:
     dense_id = (hashlib.sha256(Path(args.dense).read_bytes()).hexdigest(), f"{dense_val:.4f}", str(device), precision)
     distiller = Teacher(teacher, args.progress_dir / "teacher-logits.pt" if args.progress_dir else None)
     results: dict[str, dict[int, float]] = {}  # setting → batch seed → validation accuracy
+
+    def report(outcome: dict, batch_seed: int, note: str) -> None:
+        """Print a run's soup ingredients and result (measured now or recorded) and add it to ``results``."""
+        for i, val in enumerate(outcome["ingredients"]):
+            print(f"  soup ingredient {i}: validation {val:.2f} % (drop {dense_val - val:.2f})", flush=True)
+        results.setdefault(outcome["setting"], {})[batch_seed] = outcome["validation"]
+        print(f"{outcome['setting']}, batch seed {batch_seed}: validation {outcome['validation']:.2f} % (drop "
+              f"{dense_val - outcome['validation']:.2f}) in {outcome['seconds']:.0f} s{note}", flush=True)
+
     gate_settings = [(fn, rank) for fn in gate_fns for rank in (args.hc_ranks if fn == "hard_concrete" else ["-"])]
     for (allocation, ranking, steps, distill, (gate_fn, hc_rank), gate_lr, share, ema, tta, ramp, temperature,
          smoothing, bn, decay, schedule, features, ends, soup, batch_seed) in itertools.product(
@@ -234,13 +244,7 @@ def main() -> None:
             record = args.progress_dir / f"run-{name}.json"
             progress = Phase2Checkpoint(args.progress_dir / f"run-{name}.progress.pt")
         if record is not None and record.exists():
-            done = json.loads(record.read_text())
-            for i, val in enumerate(done["ingredients"]):
-                print(f"  soup ingredient {i}: validation {val:.2f} % (drop {dense_val - val:.2f})", flush=True)
-            results.setdefault(done["setting"], {})[batch_seed] = done["validation"]
-            print(f"{done['setting']}, batch seed {batch_seed}: validation {done['validation']:.2f} % (drop "
-                  f"{dense_val - done['validation']:.2f}) in {done['seconds']:.0f} s (recorded in {record})",
-                  flush=True)
+            report(json.loads(record.read_text()), batch_seed, f" (recorded in {record})")
             continue
         model = copy.deepcopy(teacher)
         began = time.perf_counter()
@@ -274,12 +278,10 @@ def main() -> None:
             print("  kept per layer: " + ", ".join(f"{name} {mask.float().mean().item():.3f}"
                                                    for name, mask in masks.items()), flush=True)
         ingredient_vals = []
-        for i, state in enumerate(ingredients):  # the soup's fine-tunes, one by one (none without a soup)
+        for state in ingredients:  # the soup's fine-tunes, one by one (none without a soup)
             alone = copy.deepcopy(model)  # the same installed masks
             alone.load_state_dict(state)
             ingredient_vals.append(validation(alone))
-            print(f"  soup ingredient {i}: validation {ingredient_vals[-1]:.2f} % "
-                  f"(drop {dense_val - ingredient_vals[-1]:.2f})", flush=True)
         val = validation(model)
         gates = "" if args.granularity != "weight" else (
             f", {gate_fn} gates"
@@ -293,16 +295,12 @@ def main() -> None:
                    f"label smoothing {smoothing:g}, "
                    f"BN weights {'learned' if bn else 'frozen'}, weight decay ×{decay:g}, {schedule} lr"
                    f" (teacher TTA {tta}){gates}" + (f", soup of {soup}" if soup > 1 else ""))
-        results.setdefault(setting, {})[batch_seed] = val
         seconds = time.perf_counter() - began + (progress.earlier_seconds if progress is not None else 0.0)
-        print(f"{setting}, batch seed {batch_seed}: validation {val:.2f} % (drop {dense_val - val:.2f}) "
-              f"in {seconds:.0f} s" + (f" (resumed at step {progress.resumed_step})" if progress and
-                                       progress.resumed_step else ""), flush=True)
+        outcome = {"setting": setting, "validation": val, "ingredients": ingredient_vals, "seconds": round(seconds, 1)}
+        report(outcome, batch_seed, f" (resumed at step {progress.resumed_step})" if progress and
+               progress.resumed_step else "")
         if record is not None:
-            tmp = record.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"setting": setting, "validation": val, "ingredients": ingredient_vals,
-                                       "seconds": round(seconds, 1)}))
-            tmp.replace(record)  # whole or not at all
+            write_json_atomic(record, outcome)
             progress.path.unlink(missing_ok=True)
     if len(args.batch_seeds) > 1:
         print(seed_summary(results, dense_val), flush=True)

@@ -239,7 +239,7 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
                        criterion=args.prune_criterion, dense_ends=args.dense_ends, soup=args.soup)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
     """A job killed mid-write leaves no half file that a resumed run would read as done."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -358,13 +358,13 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
             checkpoint.save_pruned(model, seed_dir / "variants" / _variant_file(_shipped_label(args, finetuned),
                                                                                 keep, finetuned),
                                    None if finetuned else base)
-        _write_json_atomic(done, row)  # after its checkpoint: a recorded variant always has one
+        write_json_atomic(done, row)  # after its checkpoint: a recorded variant always has one
         progress.path.unlink(missing_ok=True)
         rows.append(row)
     model.set_masks(None)
     result = {"seed": seed, "history": history, "rows": rows, "hardware": hardware,
               "sweep_seconds": sum(r["seconds"] for r in rows)}  # summed per variant: right across resumes
-    _write_json_atomic(results_file, result)
+    write_json_atomic(results_file, result)
     return result
 
 
@@ -398,7 +398,7 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
                "seconds": round(time.perf_counter() - began + progress.earlier_seconds, 2)}
         if seed == args.release_seed:
             checkpoint.save_pruned(model, out_dir / _variant_file("channel", keep, True))
-        _write_json_atomic(done, row)
+        write_json_atomic(done, row)
         progress.path.unlink(missing_ok=True)
         rows.append(row)
     return rows
