@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of load before replica A is stopped (not before it has served a request)")
     p.add_argument("--restart-after", type=float, default=5, help="seconds A stays down")
     p.add_argument("--rejoin-timeout", type=float, default=30,
-                   help="seconds after A is ready that the load goes on waiting for the balancer to use A")
+                   help="how long to wait for the balancer to use A: before A is stopped, and again after "
+                        "it is ready")
     args = p.parse_args(argv)
     if shutil.which("haproxy") is None:
         print("prune-bench failover needs haproxy (Debian: apt-get install haproxy)", file=sys.stderr)
