@@ -160,35 +160,71 @@ def test_dense_ends_ship_a_fine_tuned_variant_with_stem_and_head_whole(image_fol
     assert bool((model.stem.weight != 0).all()) and bool((model.head.weight != 0).all())
 
 
-def test_soup_averages_every_fine_tune_of_a_run_and_is_recorded(image_folder: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture) -> None:
-    """--soup N reaches every phase-2 fine-tune (weight and channel) and the manifest; below 1 it is refused;
-    a work dir recorded before the flag existed resumes under its default, and only under it."""
+def test_soup_averages_the_shipped_fine_tunes_and_records_their_first(image_folder: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """--soup N reaches the fine-tunes that can ship (weight and channel; --soup-scope all: every method) and
+    the manifest; each soup's first fine-tune is scored too, and the criteria table compares those; below 1
+    it is refused; a work dir recorded before either flag existed resumes under its old value, only under it."""
     out, work = tmp_path / "models", tmp_path / "runs"
     args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(work), "--seeds", "1",
             "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8", "--val-size", "3",
-            "--keeps", "0.1", "--methods", "gate_magnitude", "--prune-steps", "4", "--calib-images", "8",
-            "--precision", "fp32", "--channel-keeps", "0.5", "--channel-steps", "2", "--ship-finetune-min-gain", "-100"]
+            "--keeps", "0.1", "--methods", "gate_magnitude", "magnitude_gradual", "--prune-steps", "4",
+            "--calib-images", "8", "--precision", "fp32", "--channel-keeps", "0.5", "--channel-steps", "2",
+            "--ship-finetune-min-gain", "-100"]
     with pytest.raises(SystemExit):
         prune_train([*args, "--soup", "0"])
     assert "--soup averages 1 or more fine-tunes, not 0" in capsys.readouterr().err
     soups, real = [], pipeline.prune_finetune
     monkeypatch.setattr(pipeline, "prune_finetune", lambda *a, **k: soups.append(a[5].soup) or real(*a, **k))
     assert prune_train([*args, "--soup", "2"]) == 0
-    assert soups == [2, 2]  # the weight fine-tune and the channel one
+    assert soups == [2, 1, 2]  # the shipped weight fine-tune, the comparison method's, the channel one
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["training"]["phase2"]["soup"] == 2
+    assert manifest["training"]["phase2"]["soup"] == 2 and manifest["training"]["soup_scope"] == "shipped"
     [variant] = [v for v in manifest["variants"] if v["keep"] == 0.1]
     params = variant["params"]
     assert variant["finetuned"] and params["nonzero"] - (params["total"] - params["prunable"]) <= round(
         0.1 * params["prunable"])  # the average of one mask's fine-tunes keeps that mask
+    sweep = {(r["criterion"], r["finetuned"]): r for r in manifest["sweep"] if r["keep"] in (0.1, 0.5)}
+    gate, frozen = sweep[("gate_magnitude", True)], sweep[("magnitude_gradual", True)]
+    channel = sweep[("channel", True)]
+    assert gate["soup"] == channel["soup"] == 2 and "soup" not in frozen
+    for row in (gate, channel):
+        assert 0 <= row["first_test_acc_mean"] <= 100 and 0 <= row["first_val_acc_mean"] <= 100
+    summary = (out / "summary.md").read_text()
+    criteria = next(line for line in summary.splitlines() if line.startswith("| keep | gate_magnitude (one-shot)"))
+    assert criteria.endswith("| gated gradual (learned gates) | gradual, gates frozen | "
+                             "gated gradual (learned gates), soup of 2 |")
+    row = next(line for line in summary.splitlines() if line.startswith("| 0.1 |"))
+    one, soup = row.split(" | ")[-3], row.split(" | ")[-1].rstrip(" |")
+    assert one == f"{gate['first_test_acc_mean']:.2f} ± 0.00" and soup == f"{gate['test_acc_mean']:.2f} ± 0.00"
+    assert "one fine-tune (the soup's first)" in summary
+
     record = json.loads((work / "run-config.json").read_text())
-    (work / "run-config.json").write_text(json.dumps({k: v for k, v in record.items() if k != "soup"}))
-    with pytest.raises(SystemExit, match=r"other settings \(soup\)"):
-        prune_train([*args, "--soup", "2"])  # a record without the flag was made without a soup
+    (work / "run-config.json").write_text(json.dumps({k: v for k, v in record.items() if k != "soup_scope"}))
+    with pytest.raises(SystemExit, match=r"other settings \(soup_scope\)"):
+        prune_train([*args, "--soup", "2"])  # a soup recorded before --soup-scope covered every method
+    (work / "run-config.json").write_text(json.dumps({k: v for k, v in record.items()
+                                                      if k not in ("soup", "soup_scope")}))
+    with pytest.raises(SystemExit, match=r"other settings \(soup, soup_scope\)"):
+        prune_train([*args, "--soup", "2"])  # a record without either flag was made without a soup
     shutil.rmtree(work / "seed-0")  # (its results were made with a soup: the record above is a stand-in)
+    soups.clear()
+    assert prune_train([*args, "--soup-scope", "all"]) == 0  # without a soup the scope changes nothing
+    assert soups == [1, 1, 1]
+
+
+def test_soup_scope_all_soups_every_method(image_folder: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["--data", str(image_folder), "--out", str(tmp_path / "models"), "--work-dir", str(tmp_path / "runs"),
+            "--seeds", "1", "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
+            "--val-size", "3", "--keeps", "0.1", "--methods", "gate_magnitude", "magnitude_gradual", "magnitude",
+            "--prune-steps", "4", "--calib-images", "8", "--precision", "fp32", "--channel-keeps",
+            "--soup", "2", "--soup-scope", "all"]
+    soups, real = [], pipeline.prune_finetune
+    monkeypatch.setattr(pipeline, "prune_finetune", lambda *a, **k: soups.append(a[5].soup) or real(*a, **k))
     assert prune_train(args) == 0
+    assert soups == [2, 2, 2]
 
 
 def test_tiny_end_to_end_run_produces_a_valid_models_tree(image_folder: Path, tmp_path: Path,

@@ -58,6 +58,8 @@ DEFAULT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 # and 0.75 ran 1.3-1.5x faster in it than the unaligned 0.7 (measured here; PyTorch ran both alike).
 DEFAULT_CHANNEL_KEEPS = (0.75, 0.625, 0.5, 0.25)
 METHODS = ("gate_magnitude", "magnitude_gradual", "magnitude")  # phase-2 methods (see --methods)
+SOUP_SCOPES = ("shipped", "all")  # which phase-2 fine-tunes --soup applies to (see --soup-scope)
+FIRST_INGREDIENT_SCORES = ("val_acc", "test_acc", "test_acc_no_tta")  # a soup's first fine-tune, recorded too
 TEACHER_CACHE = "teacher-logits.pt"  # per seed dir: the dense teacher's logits per phase-2 step (train.Teacher)
 
 
@@ -143,8 +145,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pr.add_argument("--dense-ends", action=argparse.BooleanOptionalAction, default=prune_defaults.dense_ends,
                     help="phase 2 keeps the stem and the head whole (their weights count towards the K)")
     pr.add_argument("--soup", type=int, default=prune_defaults.soup,
-                    help="sparse model soup: fine-tune each variant's final mask this many times on batches of "
-                         "their own and average the weights (1: off; every fine-tune, weight and channel)")
+                    help="sparse model soup: fine-tune a variant's final mask this many times on batches of "
+                         "their own and average the weights (1: off); which fine-tunes: --soup-scope")
+    pr.add_argument("--soup-scope", choices=SOUP_SCOPES, default="shipped",
+                    help="with --soup above 1: shipped = only the fine-tunes export can ship (the "
+                         "--ship-criterion method's and the channel keeps), all = also the other --methods, "
+                         "which are there to compare criteria; either way a soup's first ingredient is scored "
+                         "too, so the criteria table compares equal fine-tune budgets")
     pr.add_argument("--ship-criterion", choices=CRITERIA, default="gate_magnitude",
                     help="criterion of the exported weight variants")
     pr.add_argument("--scope", choices=SCOPES, default="global", help="rank weights across the net or per layer")
@@ -189,16 +196,22 @@ _RESULT_NEUTRAL = {"out", "work_dir", "cache_dir", "device", "threads", "seeds",
 
 
 # Flags added after work dirs were first recorded, with the value every run before them had: a record
-# without one is that value, so a work dir made before the flag resumes under its default.
-_ADDED_FLAGS = {"soup": 1}
+# without one is that value, so a work dir made before the flag resumes under its default. (--soup-scope
+# came after --soup, which until then souped every fine-tune.)
+_ADDED_FLAGS = {"soup": 1, "soup_scope": "all"}
+
+
+def _without_moot(flags: dict) -> dict:
+    """The flags that can change a result: which fine-tunes a soup covers does not matter without one."""
+    return {k: v for k, v in flags.items() if not (k == "soup_scope" and flags.get("soup", 1) == 1)}
 
 
 def _result_flags(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in sorted(vars(args).items()) if k not in _RESULT_NEUTRAL}
+    return _without_moot({k: v for k, v in sorted(vars(args).items()) if k not in _RESULT_NEUTRAL})
 
 
 def _recorded_flags(record: Path) -> dict:
-    return {**_ADDED_FLAGS, **json.loads(record.read_text())}
+    return _without_moot({**_ADDED_FLAGS, **json.loads(record.read_text())})
 
 
 def _guard_work_dir(args: argparse.Namespace, dataset_sha: str, precision: str) -> None:
@@ -280,12 +293,25 @@ def _variant_file(criterion: str, keep: float, finetuned: bool) -> str:
     return f"{_variant_name(criterion, keep)}{'-ft' if finetuned else ''}.safetensors"
 
 
-def _method_config(method: str, pcfg: PruneConfig) -> PruneConfig:
+def _method_config(method: str, pcfg: PruneConfig, args: argparse.Namespace) -> PruneConfig:
+    if args.soup_scope == "shipped" and method != args.ship_criterion:  # a variant that is never shipped
+        pcfg = replace(pcfg, soup=1)
     if method == "gate_magnitude":
         return pcfg
     if method == "magnitude_gradual":
         return replace(pcfg, gate_lr=0.0)
     return replace(pcfg, gradual=False)  # "magnitude": one-shot
+
+
+def _first_ingredient(model: GatedNet, ingredients: list[dict], calib: torch.Tensor, splits: dict,
+                      cfg: TrainConfig, tta: int) -> dict:
+    """A soup's first ingredient scored as the variant itself is (BN re-estimated, validation and test):
+    the fine-tune a run without a soup would have shipped, so criteria compare at equal budgets."""
+    first = copy.deepcopy(model)  # the same installed masks
+    first.load_state_dict(ingredients[0])
+    recalibrate_bn(first, calib, precision=cfg.precision)
+    scores = _evaluate(first, splits, cfg, tta)
+    return {"soup": len(ingredients), **{f"first_{key}": scores[key] for key in FIRST_INGREDIENT_SCORES}}
 
 
 def _sweep_jobs(args: argparse.Namespace, seed_dir: Path) -> list[tuple[str, float, str | None, Path]]:
@@ -343,15 +369,18 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
         model.set_masks(None)
         began = time.perf_counter()
         progress = Phase2Checkpoint(_progress_file(done))  # a cut fine-tune resumes mid-way
+        ingredients: list[dict] = []  # a soup's fine-tunes (none without one)
         if method is not None:
-            prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg, _method_config(method, pcfg),
-                           seed, teacher=teacher, scope=args.scope, floor=args.floor, progress=progress)
+            prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg,
+                           _method_config(method, pcfg, args), seed, teacher=teacher, scope=args.scope,
+                           floor=args.floor, progress=progress, ingredients=ingredients)
         elif keep < 1.0:
             prune(model, criterion, keep, args.scope, args.floor, seed)
         recalibrate_bn(model, calib, precision=cfg.precision)
         finetuned = method is not None
         row = {"criterion": criterion if keep < 1.0 else "dense", "keep": keep, "finetuned": finetuned,
                **_evaluate(model, splits, cfg, args.tta),
+               **(_first_ingredient(model, ingredients, calib, splits, cfg, args.tta) if ingredients else {}),
                "seconds": round(time.perf_counter() - began + progress.earlier_seconds, 2)}
         if release and (criterion == args.ship_criterion or keep == 1.0):
             # The release seed's candidates for shipping, written as they come; export picks.
@@ -390,11 +419,13 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
         began = time.perf_counter()
         masks = channel_masks(model, keep, scores)
         progress = Phase2Checkpoint(_progress_file(done))
+        ingredients: list[dict] = []
         prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg,
                        replace(pcfg, steps=args.channel_steps, lr=args.channel_lr, gradual=False), seed,
-                       teacher=teacher, masks=masks, progress=progress)
+                       teacher=teacher, masks=masks, progress=progress, ingredients=ingredients)
         recalibrate_bn(model, calib, precision=cfg.precision)
         row = {"criterion": "channel", "keep": keep, "finetuned": True, **_evaluate(model, splits, cfg, args.tta),
+               **(_first_ingredient(model, ingredients, calib, splits, cfg, args.tta) if ingredients else {}),
                "seconds": round(time.perf_counter() - began + progress.earlier_seconds, 2)}
         if seed == args.release_seed:
             checkpoint.save_pruned(model, out_dir / _variant_file("channel", keep, True))
@@ -521,6 +552,13 @@ def aggregate(results: list[dict]) -> list[dict]:
             key = f"test_acc_tta{level}"
             if all(key in r for r in rows):
                 table[-1][f"{key}_mean"] = statistics.fmean(r[key] for r in rows)
+        if all("soup" in r for r in rows):  # a soup: its first ingredient alone, the equal-budget figure
+            first = [r["first_test_acc"] for r in rows]
+            table[-1].update({
+                "soup": rows[0]["soup"], "first_test_acc_mean": statistics.fmean(first),
+                "first_test_acc_std": statistics.stdev(first) if len(first) > 1 else 0.0,
+                "first_val_acc_mean": statistics.fmean(r["first_val_acc"] for r in rows),
+                "first_test_acc_no_tta_mean": statistics.fmean(r["first_test_acc_no_tta"] for r in rows)})
     table.sort(key=lambda r: (r["criterion"] != "dense", r["criterion"], -r["keep"], r["finetuned"]))
     return table
 
@@ -607,6 +645,7 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
                      "floor": args.floor, "calib_images": args.calib_images, "ship_criterion": args.ship_criterion,
                      "ship_finetune_min_gain": args.ship_finetune_min_gain,
                      "methods": args.methods, "prune_max_keep": args.prune_max_keep, "phase2": pcfg.to_dict(),
+                     "soup_scope": args.soup_scope,
                      "channel_keeps": args.channel_keeps, "channel_steps": args.channel_steps,
                      "channel_lr": args.channel_lr, "channel_ranking": args.channel_ranking,
                      "recipe_version": RECIPE_VERSION},

@@ -38,6 +38,16 @@ def _val_cell(row: dict | None) -> str:
     return f"{row['val_acc_mean']:.2f}" if row and row.get("val_acc_mean") is not None else "–"
 
 
+def _one_fine_tune_cell(row: dict | None) -> str:
+    """A soup's first ingredient alone (one fine-tune, the budget every unsouped column had), else the row."""
+    return f"{row['first_test_acc_mean']:.2f} ± {row['first_test_acc_std']:.2f}" if row and "soup" in row \
+        else _cell(row)
+
+
+def _one_fine_tune_val_cell(row: dict | None) -> str:
+    return f"{row['first_val_acc_mean']:.2f}" if row and "soup" in row else _val_cell(row)
+
+
 def _sweep_sections(table: list[dict], heading: str) -> list[str]:
     """The criteria side by side (test, and validation for the phase-2 methods), the channel variants, dense."""
     if not table:
@@ -49,28 +59,40 @@ def _sweep_sections(table: list[dict], heading: str) -> list[str]:
     tuned = [c for c in ("gate_magnitude", "magnitude_gradual", "magnitude") if any(k[0] == c and k[2] for k in by)]
     names = {"gate_magnitude": "gated gradual (learned gates)", "magnitude_gradual": "gradual, gates frozen",
              "magnitude": "one-shot + fine-tune"}
+    # Methods whose fine-tunes were souped (--soup): their own columns, the equal-budget ones show one fine-tune.
+    souped = {c: by[k]["soup"] for c in tuned for k in by if k[0] == c and k[2] and "soup" in by[k]}
+    soup_names = [f"{names[c]}, soup of {n}" for c, n in souped.items()]
+    budget = "budget for each" + (" (a soup's first fine-tune alone; the soup averages that many such fine-tunes "
+                                  "of the same mask)" if souped else "")
     lines += ["", f"{heading} Criteria on the same trained models (test acc %, mean ± std over seeds)", "",
-              "One-shot columns: pruned at once, no fine-tune. Phase-2 columns: the same distilled fine-tune "
-              "budget for each.", "",
+              f"One-shot columns: pruned at once, no fine-tune. Phase-2 columns: the same distilled fine-tune "
+              f"{budget}.", "",
               "| keep | " + " | ".join(f"{c} (one-shot)" for c in criteria) + " | "
-              + " | ".join(names[c] for c in tuned) + " |",
-              "|---" * (1 + len(criteria) + len(tuned)) + "|"]
+              + " | ".join([names[c] for c in tuned] + soup_names) + " |",
+              "|---" * (1 + len(criteria) + len(tuned) + len(souped)) + "|"]
     for keep in sorted({r["keep"] for r in table if r["keep"] < 1.0 and r["criterion"] in criteria}, reverse=True):
-        cells = [_cell(by.get((c, keep, False))) for c in criteria] + [_cell(by.get((c, keep, True))) for c in tuned]
+        cells = ([_cell(by.get((c, keep, False))) for c in criteria]
+                 + [_one_fine_tune_cell(by.get((c, keep, True))) for c in tuned]
+                 + [_cell(by.get((c, keep, True))) for c in souped])
         lines.append(f"| {keep:g} | " + " | ".join(cells) + " |")
     tuned_keeps = sorted({k[1] for k in by if k[0] in tuned and k[2]}, reverse=True)
     if tuned_keeps:  # what the choices were made on
         lines += ["", "The phase-2 columns on **validation** (mean over seeds, no TTA, `val_acc_mean`):", "",
-                  "| keep | " + " | ".join(names[c] for c in tuned) + " |", "|---" * (1 + len(tuned)) + "|"]
-        lines += [f"| {keep:g} | " + " | ".join(_val_cell(by.get((c, keep, True))) for c in tuned) + " |"
+                  "| keep | " + " | ".join([names[c] for c in tuned] + soup_names) + " |",
+                  "|---" * (1 + len(tuned) + len(souped)) + "|"]
+        lines += [f"| {keep:g} | " + " | ".join([_one_fine_tune_val_cell(by.get((c, keep, True))) for c in tuned]
+                                                + [_val_cell(by.get((c, keep, True))) for c in souped]) + " |"
                   for keep in tuned_keeps]
     channel = sorted((r for r in table if r["criterion"] == "channel"), key=lambda r: -r["keep"])
     if channel:
+        first = any("soup" in r for r in channel)  # souped: what one fine-tune scored beside the soup
         lines += ["", f"{heading} Channel granularity (every conv keeps this share of its channels; masked "
-                      "fine-tune)", "",
-                  "| channels kept | weight sparsity | nonzero params | test acc % | drop |", "|---|---|---|---|---|"]
+                      "fine-tune" + (f", soup of {channel[0]['soup']}" if first else "") + ")", "",
+                  "| channels kept | weight sparsity | nonzero params | test acc % | drop |"
+                  + (" one fine-tune (the soup's first) |" if first else ""),
+                  "|---|---|---|---|---|" + ("---|" if first else "")]
         lines += [f"| {r['keep']:g} | {r['sparsity'] * 100:.1f}% | {r['nonzero']:,} | {_cell(r)} | {r['drop']:+.2f} |"
-                  for r in channel]
+                  + (f" {_one_fine_tune_cell(r)} |" if first else "") for r in channel]
     dense = by.get(("dense", 1.0, False))
     if dense:
         lines += ["", f"Dense: {_cell(dense)} % over {len(dense['test_acc_per_seed'])} seeds "
