@@ -133,13 +133,24 @@ def headline(manifest: dict, served_run: dict | None) -> str:
             line += " points."
         lines.append(line)
     by = {(r["criterion"], r["keep"]): r for r in manifest.get("sweep") or [] if r["finetuned"]}
+    # The shipped fine-tunes' sweep rows: a soup (--soup) is compared by its first fine-tune, the budget the
+    # other methods had, and what the soup adds gets a line of its own.
+    ship = (manifest.get("training") or {}).get("ship_criterion", "gate_magnitude")
+    shipped_rows = [(v["keep"], by.get((ship, v["keep"]), v)) for v in tuned]
+    soups = [(keep, row) for keep, row in shipped_rows if "soup" in row]
     for criterion, name in PHASE2.items():
-        gains = [(v["keep"], v["test_acc_mean"] - by[criterion, v["keep"]]["test_acc_mean"]) for v in tuned
-                 if (criterion, v["keep"]) in by]
+        gains = [(keep, row.get("first_test_acc_mean", row["test_acc_mean"]) - by[criterion, keep]["test_acc_mean"])
+                 for keep, row in shipped_rows if (criterion, keep) in by]
         if gains:
             lines.append(f"  Learned gates against {name}: " + " / ".join(f"{gain:+.2f}" for _, gain in gains)
-                         + f" points at keep {' / '.join(f'{keep:g}' for keep, _ in gains)} (test; evidence and the "
-                         "validation figures in docs/training.md).")
+                         + f" points at keep {' / '.join(f'{keep:g}' for keep, _ in gains)} (test"
+                         + (", one fine-tune each" if soups else "")
+                         + "; evidence and the validation figures in docs/training.md).")
+    if soups:
+        lines.append(f"  The shipped fine-tunes are soups of {soups[0][1]['soup']} (`--soup`): "
+                     + " / ".join(f"{row['test_acc_mean'] - row['first_test_acc_mean']:+.2f}" for _, row in soups)
+                     + f" points over their first fine-tune alone at keep {' / '.join(f'{k:g}' for k, _ in soups)} "
+                     "(test).")
     if served_run:
         worst = max(abs(r["served_acc"] - r["manifest_acc"]) for r in served_run["rows"])
         lines.append(f"- Served accuracy equals the manifest's: over HTTP on all {served_run['images']:,} test images, "

@@ -257,3 +257,26 @@ def test_shipped_readme_tables_match_the_shipped_models() -> None:
     root = Path(__file__).resolve().parent.parent
     assert prune_bench(["readme", "--models-dir", str(root / "models"), "--readme", str(root / "README.md"),
                         "--docs", str(root / "docs" / "training.md"), "--check"]) == 0
+
+
+def test_headline_compares_learned_gates_at_one_fine_tune_each_when_the_shipped_ones_are_soups() -> None:
+    from bench.readme import headline
+
+    def sweep_row(criterion: str, acc: float, **extra: float) -> dict:
+        return {"criterion": criterion, "keep": 0.1, "finetuned": True, "test_acc_mean": acc, **extra}
+
+    variants = [{"name": "dense", "keep": 1.0, "finetuned": False, "test_acc_mean": 91.0, "test_acc_per_seed": [91.0],
+                 "drop": 0.0},
+                {"name": "gate_magnitude-keep0.10", "keep": 0.1, "finetuned": True, "test_acc_mean": 90.4,
+                 "drop": 0.6}]
+    others = [sweep_row("magnitude_gradual", 89.9), sweep_row("magnitude", 89.8)]
+    plain = {"variants": variants, "sweep": [sweep_row("gate_magnitude", 90.4), *others]}
+    text = headline(plain, None)
+    assert "gates frozen: +0.50 points at keep 0.1 (test; evidence" in text and "soups" not in text
+    souped = {"variants": variants, "training": {"ship_criterion": "gate_magnitude"},
+              "sweep": [sweep_row("gate_magnitude", 90.4, soup=3, first_test_acc_mean=90.0), *others]}
+    text = headline(souped, None)
+    assert "gates frozen: +0.10 points at keep 0.1 (test, one fine-tune each; evidence" in text
+    assert "|W| + the same fine-tune: +0.20 points" in text
+    assert "The shipped fine-tunes are soups of 3 (`--soup`): +0.40 points over their first fine-tune alone " \
+           "at keep 0.1 (test)." in text
