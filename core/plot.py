@@ -39,7 +39,8 @@ def plot_tradeoff(table: list[dict], path: Path | BinaryIO, latency_ms: list[dic
                             yerr=[r["test_acc_std"] for r in rows], color=colors[criterion],
                             linestyle="--" if finetuned else "-", marker=markers[criterion], markersize=4,
                             markerfacecolor="none" if finetuned else colors[criterion], capsize=2,
-                            label=f"{criterion}{' + fine-tune' if finetuned else ''}")
+                            label=f"{criterion}{' + fine-tune' if finetuned else ''}"
+                                  + (f" (soup of {rows[0]['soup']})" if "soup" in rows[0] else ""))
         ax.axhline(dense["test_acc_mean"], color="black", linewidth=0.8, linestyle=":",
                    label=f"dense {dense['test_acc_mean']:.2f}%")
         ax.set_xlabel("sparsity (% of prunable weights removed)")
