@@ -152,8 +152,8 @@ class PruneConfig:
     # Sparse model soup (Zimmer et al. 2024): once the mask is final, fine-tune it this many times from the
     # same state, each on its own batches and augmentation, and average the weights. One mask, so the
     # average has exactly the same survivors; its cost is (soup - 1) more fixed-mask fine-tunes. 1 = off.
-    # 3 scored +0.17 ± 0.09 points over the plain run at keep 0.05 (three paired batch seeds) and +0.40 ± 0.23
-    # at keep 0.1 (two) on validation, positive on each, at ~2x phase 2's time (docs/training.md); off until
+    # 3 scored +0.17 ± 0.09 points over the plain run at keep 0.05 and +0.51 ± 0.25 at keep 0.1 (three
+    # paired batch seeds each) on validation, positive on each, at ~2x phase 2's time (docs/training.md); off until
     # models/ is rebuilt with it.
     soup: int = 1
 
