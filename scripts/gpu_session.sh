@@ -3,7 +3,7 @@
 # winning setting, inside a wall-clock budget (seconds, $1); results packed under $OUT. The work dir
 # (/tmp/w/runs) resumes, so a run cut by the budget finishes on a second call to the same machine.
 # ABLATION=0 skips the ablation (110 s) and runs the pipeline with its defaults (the ablation's past winner).
-# PRUNE_FLAGS adds prune-train flags (e.g. PRUNE_FLAGS="--soup 3"); a work dir resumes only with the same ones.
+# PRUNE_FLAGS adds prune-train flags (e.g. PRUNE_FLAGS="--soup 1"); a work dir resumes only with the same ones.
 set -uo pipefail
 budget=${1:-570}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$(pwd)"

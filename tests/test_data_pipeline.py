@@ -202,15 +202,15 @@ def test_soup_averages_the_shipped_fine_tunes_and_records_their_first(image_fold
 
     record = json.loads((work / "run-config.json").read_text())
     (work / "run-config.json").write_text(json.dumps({k: v for k, v in record.items() if k != "soup_scope"}))
-    with pytest.raises(SystemExit, match=r"other settings \(soup_scope\)"):
+    with pytest.raises(SystemExit, match=r"other settings \(soup_scope\) \(it was made with --soup 2 --soup-scope all"):
         prune_train([*args, "--soup", "2"])  # a soup recorded before --soup-scope covered every method
     (work / "run-config.json").write_text(json.dumps({k: v for k, v in record.items()
                                                       if k not in ("soup", "soup_scope")}))
-    with pytest.raises(SystemExit, match=r"other settings \(soup, soup_scope\)"):
-        prune_train([*args, "--soup", "2"])  # a record without either flag was made without a soup
+    with pytest.raises(SystemExit, match=r"other settings \(soup, soup_scope\) \(it was made with --soup 1: pass"):
+        prune_train(args)  # a record without either flag was made without a soup, which is no longer the default
     shutil.rmtree(work / "seed-0")  # (its results were made with a soup: the record above is a stand-in)
     soups.clear()
-    assert prune_train([*args, "--soup-scope", "all"]) == 0  # without a soup the scope changes nothing
+    assert prune_train([*args, "--soup", "1", "--soup-scope", "all"]) == 0  # without a soup the scope is moot
     assert soups == [1, 1, 1]
 
 
@@ -329,7 +329,8 @@ def test_a_run_cut_inside_a_fine_tune_resumes_at_its_last_save(image_folder: Pat
         return ["--data", str(image_folder), "--out", str(tmp_path / tag), "--work-dir", str(tmp_path / f"w{tag}"),
                 "--seeds", "1", "--epochs", "1", "--widths", "4", "4", "8", "--stem-width", "4", "--batch-size", "8",
                 "--val-size", "3", "--keeps", "0.1", "--methods", "gate_magnitude", "--prune-steps", "6",
-                "--calib-images", "8", "--precision", "fp32", "--channel-keeps", "0.5", "--channel-steps", "6"]
+                "--calib-images", "8", "--precision", "fp32", "--channel-keeps", "0.5", "--channel-steps", "6",
+                "--soup", "1"]  # one fine-tune each (tests/test_training.py cuts a soup in each ingredient)
 
     def run(tag: str) -> dict:
         assert prune_train(args(tag)) == 0

@@ -153,8 +153,8 @@ class PruneConfig:
     # same state, each on its own batches and augmentation, and average the weights. One mask, so the
     # average has exactly the same survivors; its cost is (soup - 1) more fixed-mask fine-tunes. 1 = off.
     # 3 scored +0.17 ± 0.09 points over the plain run at keep 0.05 and +0.51 ± 0.25 at keep 0.1 (three
-    # paired batch seeds each) on validation, positive on each, at ~2x phase 2's time (docs/training.md); off until
-    # models/ is rebuilt with it.
+    # paired batch seeds each) on validation, positive on each (docs/training.md). prune-train soups by default
+    # (DEFAULT_SOUP); here 1, so a fine-tune is one fine-tune unless asked and ablations compare levers on one.
     soup: int = 1
 
     def to_dict(self) -> dict:
