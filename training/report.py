@@ -85,9 +85,10 @@ def _sweep_sections(table: list[dict], heading: str) -> list[str]:
                   for keep in tuned_keeps]
     channel = sorted((r for r in table if r["criterion"] == "channel"), key=lambda r: -r["keep"])
     if channel:
-        first = any("soup" in r for r in channel)  # souped: what one fine-tune scored beside the soup
+        soup = next((r["soup"] for r in channel if "soup" in r), None)  # souped: one fine-tune beside the soup
+        first = soup is not None
         lines += ["", f"{heading} Channel granularity (every conv keeps this share of its channels; masked "
-                      "fine-tune" + (f", soup of {channel[0]['soup']}" if first else "") + ")", "",
+                      "fine-tune" + (f", soup of {soup}" if first else "") + ")", "",
                   "| channels kept | weight sparsity | nonzero params | test acc % | drop |"
                   + (" one fine-tune (the soup's first) |" if first else ""),
                   "|---|---|---|---|---|" + ("---|" if first else "")]
