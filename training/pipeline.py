@@ -61,7 +61,7 @@ METHODS = ("gate_magnitude", "magnitude_gradual", "magnitude")  # phase-2 method
 SOUP_SCOPES = ("shipped", "all")  # which phase-2 fine-tunes --soup applies to (see --soup-scope)
 # Fine-tunes averaged per shipped variant (sparse model soup, PruneConfig.soup). 3 beat one fine-tune on every
 # paired validation run: +0.17 ± 0.09 points at weight keep 0.05, +0.51 ± 0.25 at keep 0.1 (three batch seeds
-# each), +0.44 at channel keep 0.625 (docs/training.md), for 2 more fixed-mask fine-tunes each.
+# each), +0.66 ± 0.31 at channel keep 0.625 (two; docs/training.md), for 2 more fixed-mask fine-tunes each.
 DEFAULT_SOUP = 3
 FIRST_INGREDIENT_SCORES = ("val_acc", "test_acc", "test_acc_no_tta")  # a soup's first fine-tune, recorded too
 TEACHER_CACHE = "teacher-logits.pt"  # per seed dir: the dense teacher's logits per phase-2 step (train.Teacher)
