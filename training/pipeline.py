@@ -315,7 +315,10 @@ def _method_config(method: str, pcfg: PruneConfig, args: argparse.Namespace) -> 
 def _first_ingredient(model: GatedNet, ingredients: list[dict], calib: torch.Tensor, splits: dict,
                       cfg: TrainConfig, tta: int) -> dict:
     """A soup's first ingredient scored as the variant itself is (BN re-estimated, validation and test):
-    the fine-tune a run without a soup would have shipped, so criteria compare at equal budgets."""
+    the fine-tune a run without a soup would have shipped, so criteria compare at equal budgets. No soup
+    (no ingredients): nothing to add."""
+    if not ingredients:
+        return {}
     first = copy.deepcopy(model)  # the same installed masks
     first.load_state_dict(ingredients[0])
     recalibrate_bn(first, calib, precision=cfg.precision)
@@ -389,7 +392,7 @@ def run_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: TrainConfig
         finetuned = method is not None
         row = {"criterion": criterion if keep < 1.0 else "dense", "keep": keep, "finetuned": finetuned,
                **_evaluate(model, splits, cfg, args.tta),
-               **(_first_ingredient(model, ingredients, calib, splits, cfg, args.tta) if ingredients else {}),
+               **_first_ingredient(model, ingredients, calib, splits, cfg, args.tta),
                "seconds": round(time.perf_counter() - began + progress.earlier_seconds, 2)}
         if release and (criterion == args.ship_criterion or keep == 1.0):
             # The release seed's candidates for shipping, written as they come; export picks.
@@ -434,7 +437,7 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
                        teacher=teacher, masks=masks, progress=progress, ingredients=ingredients)
         recalibrate_bn(model, calib, precision=cfg.precision)
         row = {"criterion": "channel", "keep": keep, "finetuned": True, **_evaluate(model, splits, cfg, args.tta),
-               **(_first_ingredient(model, ingredients, calib, splits, cfg, args.tta) if ingredients else {}),
+               **_first_ingredient(model, ingredients, calib, splits, cfg, args.tta),
                "seconds": round(time.perf_counter() - began + progress.earlier_seconds, 2)}
         if seed == args.release_seed:
             checkpoint.save_pruned(model, out_dir / _variant_file("channel", keep, True))
@@ -533,6 +536,11 @@ def _sparsity(row: dict) -> float:
     return round(1 - nonzero_prunable / row["prunable"], 4)
 
 
+def _spread(values: list[float]) -> float:
+    """Sample std over seeds (0 for one seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def aggregate(results: list[dict]) -> list[dict]:
     """Mean ± std over seeds per (criterion, keep, finetuned); drop is vs the dense mean."""
     groups: dict[tuple, list[dict]] = {}
@@ -550,11 +558,11 @@ def aggregate(results: list[dict]) -> list[dict]:
             "criterion": criterion, "granularity": "channel" if criterion == "channel" else "weight",
             "keep": keep, "sparsity": _sparsity(rows[0]), "finetuned": finetuned,
             "test_acc_per_seed": test, "test_acc_mean": statistics.fmean(test),
-            "test_acc_std": statistics.stdev(test) if len(test) > 1 else 0.0,
+            "test_acc_std": _spread(test),
             "val_acc_mean": statistics.fmean(val) if all(v == v for v in val) else None,
             "drop": dense_mean - statistics.fmean(test),
             "test_acc_no_tta_mean": statistics.fmean(plain),
-            "test_acc_no_tta_std": statistics.stdev(plain) if len(plain) > 1 else 0.0,
+            "test_acc_no_tta_std": _spread(plain),
             "total": rows[0]["total"], "prunable": rows[0]["prunable"], "nonzero": rows[0]["nonzero"],
         })
         for level in TTA_LEVELS:  # every TTA level, where all of the group's rows have it (older runs: dense only)
@@ -565,7 +573,7 @@ def aggregate(results: list[dict]) -> list[dict]:
             first = [r["first_test_acc"] for r in rows]
             table[-1].update({
                 "soup": rows[0]["soup"], "first_test_acc_mean": statistics.fmean(first),
-                "first_test_acc_std": statistics.stdev(first) if len(first) > 1 else 0.0,
+                "first_test_acc_std": _spread(first),
                 "first_val_acc_mean": statistics.fmean(r["first_val_acc"] for r in rows),
                 "first_test_acc_no_tta_mean": statistics.fmean(r["first_test_acc_no_tta"] for r in rows)})
     table.sort(key=lambda r: (r["criterion"] != "dense", r["criterion"], -r["keep"], r["finetuned"]))

@@ -30,8 +30,9 @@ def write_tables(table: list[dict], out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def _cell(row: dict | None) -> str:
-    return f"{row['test_acc_mean']:.2f} ± {row['test_acc_std']:.2f}" if row else "–"
+def _cell(row: dict | None, prefix: str = "") -> str:
+    """Test accuracy mean ± std (``prefix`` "first_": a soup's first fine-tune)."""
+    return f"{row[prefix + 'test_acc_mean']:.2f} ± {row[prefix + 'test_acc_std']:.2f}" if row else "–"
 
 
 def _val_cell(row: dict | None) -> str:
@@ -40,8 +41,7 @@ def _val_cell(row: dict | None) -> str:
 
 def _one_fine_tune_cell(row: dict | None) -> str:
     """A soup's first ingredient alone (one fine-tune, the budget every unsouped column had), else the row."""
-    return f"{row['first_test_acc_mean']:.2f} ± {row['first_test_acc_std']:.2f}" if row and "soup" in row \
-        else _cell(row)
+    return _cell(row, "first_" if row and "soup" in row else "")
 
 
 def _one_fine_tune_val_cell(row: dict | None) -> str:
