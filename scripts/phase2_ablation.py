@@ -12,6 +12,8 @@ are not touched.
         --rankings mass taylor
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --keep 0.5 --steps 300 \
         --rankings taylor --allocations uniform cost    # same MACs, channels spent where Taylor says
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --keep 0.5 --steps 300 \
+        --rankings taylor --allocations --widths 16,32,32,128,128,192,192   # explicit widths, stem first
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --baseline models/variants/gate_magnitude-keep0.10-ft.safetensors
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
@@ -147,9 +149,13 @@ def main() -> None:
                    help="hard_concrete: the final top-K ranks by log α alone, or by |W · deterministic gate|")
     p.add_argument("--rankings", nargs="+", choices=CHANNEL_RANKINGS, default=["mass"],
                    help="channel ranking: weight mass that reads the channel, or first-order Taylor")
-    p.add_argument("--allocations", nargs="+", choices=CHANNEL_ALLOCATIONS, default=["uniform"],
+    p.add_argument("--allocations", nargs="*", choices=CHANNEL_ALLOCATIONS, default=["uniform"],
                    help="channel widths: keep × every layer (uniform), or the same MACs spread by Taylor score "
-                        "per multiply-add (cost; channel_allocation)")
+                        "per multiply-add (cost; channel_allocation); none, to run only --widths")
+    p.add_argument("--widths", nargs="+", default=[], metavar="C1,…,C7",
+                   help="channel variants: also run these explicit widths (output channels of the 7 convs, stem "
+                        "first), e.g. narrow where the feature maps are large, which is where a CPU spends its time "
+                        "(scripts/width_latency.py times a profile)")
     p.add_argument("--channel-ramps", type=float, nargs="+", default=[0.0],
                    help="channel variants: share of the steps over which the width falls (cubic) from all "
                         "channels to keep (0 = one-shot, then fine-tune)")
@@ -191,9 +197,14 @@ def main() -> None:
     scores = {r: channel_ranking_scores(teacher, r, rank_x, rank_y, precision)  # depend on the teacher alone
               for r in {*rankings, *(["taylor"] if "cost" in args.allocations else [])}
               if args.granularity == "channel"}
-    allocations = args.allocations if args.granularity == "channel" else ["uniform"]
+    allocations = args.allocations + args.widths if args.granularity == "channel" else ["uniform"]
     dense = {name: conv.out_channels for name, conv, _, _ in teacher.conv_chain()}
     widths = {"uniform": {name: channel_counts(c, args.keep) for name, c in dense.items()}}
+    for profile in args.widths:
+        counts = [int(c) for c in profile.split(",")]
+        if len(counts) != len(dense) or not all(0 < c <= d for c, d in zip(counts, dense.values())):
+            p.error(f"--widths {profile}: give {len(dense)} counts, each between 1 and {list(dense.values())}")
+        widths[profile] = dict(zip(dense, counts))
     if "cost" in allocations:
         widths["cost"] = channel_allocation(teacher, args.keep, scores["taylor"])
     for allocation in allocations if args.granularity == "channel" else []:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from core import checkpoint
+from core.model import GatedNet
 from engine import compact as compact_module
 from engine.compact import (
     BATCH_BUCKETS,
@@ -29,6 +30,7 @@ from training.prune import (
     channel_importance,
     channel_masks,
     channel_ranking_scores,
+    channel_widths,
     prune,
     prune_channels,
     taylor_channel_importance,
@@ -85,6 +87,22 @@ def test_channel_variants_keep_exactly_k_channels_and_equal_the_masked_model(kee
     assert net.head_weight.shape[1] == expected_widths[-1]
     x = torch.randn(4, 3, 32, 32)
     assert torch.allclose(net(x), model(x), atol=TOL, rtol=0)
+
+
+def test_stage_scales_move_channels_from_the_large_feature_maps_to_the_small() -> None:
+    """channel_widths: all 1 is the even cut; the stem goes with block1 (same 32×32 input); a scaled keep
+    is capped at every channel; and the masks keep exactly those widths."""
+    model = GatedNet()  # 32 / 64, 64 / 256, 256 / 256, 256
+    assert channel_widths(model, 0.625) == {name: channel_counts(conv.out_channels, 0.625)
+                                            for name, conv, _, _ in model.conv_chain()}
+    late = channel_widths(model, 0.625, (0.8, 0.8, 1.2))
+    assert list(late.values()) == [16, 32, 32, 128, 128, 192, 192]
+    assert list(channel_widths(model, 0.75, (0.5, 1.0, 2.0)).values()) == [12, 24, 24, 192, 192, 256, 256]
+    masks = channel_masks(model, 0.625, counts=late)
+    assert [int(masks[name].flatten(1).any(1).sum()) for name in late] == list(late.values())
+    for bad in [(1.0, 1.0), (0.0, 1.0, 1.0), (1.0, -1.0, 2.0)]:
+        with pytest.raises(ValueError, match="stage scales"):
+            channel_widths(model, 0.5, bad)
 
 
 def test_channel_masks_remove_producer_and_readers() -> None:

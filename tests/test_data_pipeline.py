@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from core import checkpoint
 from core.hardware import MALLOC_ENV
+from engine.compact import compact
 from tests.conftest import CLASSES, GLIBC, jpeg_bytes
 from training import pipeline
 from training.data import DataError, load_dataset, preprocess, split_validation
@@ -158,6 +159,31 @@ def test_dense_ends_ship_a_fine_tuned_variant_with_stem_and_head_whole(image_fol
         0.1 * params["prunable"])
     model = checkpoint.load_model(out / variant["file"])  # pruned with the rest they kept 24 % and 88 % here
     assert bool((model.stem.weight != 0).all()) and bool((model.head.weight != 0).all())
+
+
+def test_channel_stage_scales_ship_narrow_early_wide_late_variants(image_folder: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """--channel-stage-scales: the shipped channel variant has the scaled widths (compact, as served), the
+    manifest and summary say which, and a work dir made with other scales is refused, never mixed in."""
+    out, work = tmp_path / "models", tmp_path / "runs"
+    args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(work), "--seeds", "1",
+            "--epochs", "1", "--widths", "8", "8", "8", "--stem-width", "8", "--batch-size", "8", "--val-size", "3",
+            "--keeps", "0.5", "--prune-steps", "0", "--calib-images", "8", "--precision", "fp32",
+            "--channel-keeps", "0.5", "--channel-steps", "1", "--soup", "1"]
+    assert prune_train([*args, "--channel-stage-scales", "0.5", "1", "2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["channel_stage_scales"] == [0.5, 1.0, 2.0]
+    [variant] = [v for v in manifest["variants"] if v["granularity"] == "channel"]
+    assert variant["widths"] == [2, 2, 2, 4, 4, 8, 8]  # 8 × 0.5 × (0.5, 1, 2), capped at 8
+    net = compact(checkpoint.load_model(out / variant["file"]))
+    assert [conv.weight.shape[0] for conv in net.convs] == variant["widths"]
+    assert "| 0.5 | 2/2/2/4/4/8/8 |" in (out / "summary.md").read_text()
+    with pytest.raises(SystemExit, match=r"other settings \(channel_stage_scales\)"):
+        prune_train(args)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        prune_train([*args, "--channel-stage-scales", "0", "1", "1"])
+    assert "--channel-stage-scales are positive" in capsys.readouterr().err
 
 
 def test_soup_averages_the_shipped_fine_tunes_and_records_their_first(image_folder: Path, tmp_path: Path,

@@ -30,8 +30,10 @@ from training.prune import (
     CHANNEL_RANKINGS,
     CRITERIA,
     SCOPES,
+    UNIFORM_STAGE_SCALES,
     channel_masks,
     channel_ranking_scores,
+    channel_widths,
     check_keep,
     prune,
 )
@@ -174,6 +176,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "change on --calib-images labelled training images (taylor; +0.22 to +0.54 validation "
                          "points over mass after the 300-step fine-tune, docs/training.md), or the most weight "
                          "mass reading them (mass)")
+    pr.add_argument("--channel-stage-scales", type=float, nargs=3, default=list(UNIFORM_STAGE_SCALES),
+                    metavar=("EARLY", "BLOCK2", "BLOCK3"),
+                    help="channel variants: the stem and block1, block2 and block3 keep keep × their scale of "
+                         "their channels (at most all): below 1 early and above 1 late spends the channels where "
+                         "a CPU's time is not (docs/training.md); 1 1 1 cuts every conv alike")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--tta", type=int, choices=TTA_LEVELS, default=2,
                     help="test-time augmentation the service applies (0 none, 1 mirror, 2 mirror + translate: "
@@ -186,6 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             check_keep(keep)
         except ValueError as exc:
             p.error(str(exc))
+    if min(args.channel_stage_scales) <= 0:
+        p.error(f"--channel-stage-scales are positive, not {args.channel_stage_scales}")
     if args.soup < 1:
         p.error(f"--soup averages 1 or more fine-tunes, not {args.soup}")
     if 1.0 not in args.keeps:
@@ -202,7 +211,7 @@ _RESULT_NEUTRAL = {"out", "work_dir", "cache_dir", "device", "threads", "seeds",
 # Flags added after work dirs were first recorded, with the value every run before them had: a record
 # without one is that value, so a work dir made before the flag resumes under its default. (--soup-scope
 # came after --soup, which until then souped every fine-tune.)
-_ADDED_FLAGS = {"soup": 1, "soup_scope": "all"}
+_ADDED_FLAGS = {"soup": 1, "soup_scope": "all", "channel_stage_scales": list(UNIFORM_STAGE_SCALES)}
 
 
 def _without_moot(flags: dict) -> dict:
@@ -429,14 +438,16 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
             scores = channel_ranking_scores(dense, args.channel_ranking, calib, calib_labels, cfg.precision)
         model = copy.deepcopy(dense)
         began = time.perf_counter()
-        masks = channel_masks(model, keep, scores)
+        widths = channel_widths(model, keep, args.channel_stage_scales)
+        masks = channel_masks(model, keep, scores, widths)
         progress = Phase2Checkpoint(_progress_file(done))
         ingredients: list[dict] = []
         prune_finetune(model, splits["train_x"], splits["train_y"], keep, cfg,
                        replace(pcfg, steps=args.channel_steps, lr=args.channel_lr, gradual=False), seed,
                        teacher=teacher, masks=masks, progress=progress, ingredients=ingredients)
         recalibrate_bn(model, calib, precision=cfg.precision)
-        row = {"criterion": "channel", "keep": keep, "finetuned": True, **_evaluate(model, splits, cfg, args.tta),
+        row = {"criterion": "channel", "keep": keep, "finetuned": True, "widths": list(widths.values()),
+               **_evaluate(model, splits, cfg, args.tta),
                **_first_ingredient(model, ingredients, calib, splits, cfg, args.tta),
                "seconds": round(time.perf_counter() - began + progress.earlier_seconds, 2)}
         if seed == args.release_seed:
@@ -564,6 +575,7 @@ def aggregate(results: list[dict]) -> list[dict]:
             "test_acc_no_tta_mean": statistics.fmean(plain),
             "test_acc_no_tta_std": _spread(plain),
             "total": rows[0]["total"], "prunable": rows[0]["prunable"], "nonzero": rows[0]["nonzero"],
+            **({"widths": rows[0]["widths"]} if "widths" in rows[0] else {}),  # channel rows (older runs: none)
         })
         for level in TTA_LEVELS:  # every TTA level, where all of the group's rows have it (older runs: dense only)
             key = f"test_acc_tta{level}"
@@ -649,7 +661,7 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
             "finetuned": True, "test_acc_per_seed": best["test_acc_per_seed"],
             "test_acc_mean": best["test_acc_mean"], "test_acc_std": best["test_acc_std"], "drop": best["drop"],
             "val_acc_mean": best["val_acc_mean"], "test_acc_no_tta_mean": best["test_acc_no_tta_mean"],
-            **_tta_levels(best), "base": None,
+            **_tta_levels(best), **({"widths": best["widths"]} if "widths" in best else {}), "base": None,
         })
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -665,6 +677,7 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
                      "soup_scope": args.soup_scope,
                      "channel_keeps": args.channel_keeps, "channel_steps": args.channel_steps,
                      "channel_lr": args.channel_lr, "channel_ranking": args.channel_ranking,
+                     "channel_stage_scales": args.channel_stage_scales,
                      "recipe_version": RECIPE_VERSION},
         "hardware": {"export": hardware, "per_seed": [r.get("hardware") for r in results]},
         "tta": args.tta,

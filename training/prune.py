@@ -262,6 +262,24 @@ def channel_ranking_scores(model: GatedNet, ranking: str, images: Tensor, labels
 
 
 CHANNEL_ALLOCATIONS = ("uniform", "cost")
+UNIFORM_STAGE_SCALES = (1.0, 1.0, 1.0)
+
+
+def channel_widths(model: GatedNet, keep: float,
+                   stage_scales: tuple[float, float, float] = UNIFORM_STAGE_SCALES) -> dict[str, int]:
+    """Output channels every conv keeps at channel keep ``keep``: ``channel_counts(C, keep × s)``, with s the
+    scale of the conv's stage (the stem and block1, block2, block3) and keep × s capped at 1.
+
+    Uniform (all scales 1) spreads the cut evenly. On a CPU a channel costs time in proportion to its
+    feature map's area (32×32 in the stem and block1's first conv, 4×4 in block3's second), so scales
+    below 1 for the early stages and above 1 for the last buy speed for less accuracy than an even cut
+    (docs/training.md, "where a channel costs time").
+    """
+    if len(stage_scales) != 3 or min(stage_scales) <= 0:
+        raise ValueError(f"stage scales are three positive numbers (stem+block1, block2, block3), not {stage_scales}")
+    stage = {"stem": 0, "block1": 0, "block2": 1, "block3": 2}
+    return {name: channel_counts(conv.out_channels, min(1.0, keep * stage_scales[stage[name.split(".")[0]]]))
+            for name, conv, _, _ in model.conv_chain()}
 
 
 def conv_macs(model: GatedNet, counts: dict[str, int], input_hw: tuple[int, int] = (32, 32)) -> int:

@@ -87,12 +87,17 @@ def _sweep_sections(table: list[dict], heading: str) -> list[str]:
     if channel:
         soup = next((r["soup"] for r in channel if "soup" in r), None)  # souped: one fine-tune beside the soup
         first = soup is not None
-        lines += ["", f"{heading} Channel granularity (every conv keeps this share of its channels; masked "
+        shaped = all("widths" in r for r in channel)  # older runs recorded no widths: keep × every conv
+        share = ("every conv keeps keep × its stage's scale of its channels, widths stem first" if shaped
+                 else "every conv keeps this share of its channels")
+        lines += ["", f"{heading} Channel granularity ({share}; masked "
                       "fine-tune" + (f", soup of {soup}" if first else "") + ")", "",
-                  "| channels kept | weight sparsity | nonzero params | test acc % | drop |"
+                  "| channels kept |" + (" widths |" if shaped else "")
+                  + " weight sparsity | nonzero params | test acc % | drop |"
                   + (" one fine-tune (the soup's first) |" if first else ""),
-                  "|---|---|---|---|---|" + ("---|" if first else "")]
-        lines += [f"| {r['keep']:g} | {r['sparsity'] * 100:.1f}% | {r['nonzero']:,} | {_cell(r)} | {r['drop']:+.2f} |"
+                  "|---|---|---|---|---|" + ("---|" if shaped else "") + ("---|" if first else "")]
+        lines += [f"| {r['keep']:g} |" + (f" {'/'.join(map(str, r['widths']))} |" if shaped else "")
+                  + f" {r['sparsity'] * 100:.1f}% | {r['nonzero']:,} | {_cell(r)} | {r['drop']:+.2f} |"
                   + (f" {_one_fine_tune_cell(r)} |" if first else "") for r in channel]
     dense = by.get(("dense", 1.0, False))
     if dense:
