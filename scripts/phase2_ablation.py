@@ -76,9 +76,9 @@ from training.prune import (
     CHANNEL_RANKINGS,
     bake_masks,
     channel_allocation,
-    channel_counts,
     channel_masks,
     channel_ranking_scores,
+    channel_widths,
     conv_macs,
     flat_mask,
     importance,
@@ -199,7 +199,7 @@ def main() -> None:
               if args.granularity == "channel"}
     allocations = args.allocations + args.widths if args.granularity == "channel" else ["uniform"]
     dense = {name: conv.out_channels for name, conv, _, _ in teacher.conv_chain()}
-    widths = {"uniform": {name: channel_counts(c, args.keep) for name, c in dense.items()}}
+    widths = {"uniform": channel_widths(teacher, args.keep)}
     for profile in args.widths:
         counts = [int(c) for c in profile.split(",")]
         if len(counts) != len(dense) or not all(0 < c <= d for c, d in zip(counts, dense.values())):

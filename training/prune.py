@@ -306,7 +306,7 @@ def channel_allocation(model: GatedNet, keep: float, scores: dict[str, Tensor], 
     """
     chain = model.conv_chain()
     dense = {name: conv.out_channels for name, conv, _, _ in chain}
-    budget = conv_macs(model, {name: channel_counts(c, keep) for name, c in dense.items()})
+    budget = conv_macs(model, channel_widths(model, keep))
     ascending = {name: torch.sort(scores[name].float(), stable=True).values for name in dense}
     counts = dict(dense)
     while (current := conv_macs(model, counts)) > budget:
