@@ -329,17 +329,18 @@ def channel_masks(model: GatedNet, keep: float, scores: dict[str, Tensor] | None
                   counts: dict[str, int] | None = None) -> dict[str, Tensor]:
     """Weight masks (layer name → bool, weight-shaped) that keep the top channels of every conv
     (ranked by ``scores``, per conv layer one score per output channel; default: ``channel_importance``):
-    ``counts[layer]`` of them where given (``channel_allocation``), else ``channel_counts(C, keep)``.
+    ``counts[layer]`` of them where given (``channel_allocation``, ``channel_widths`` with stage scales),
+    else the even cut ``channel_widths(model, keep)``.
 
     A pruned channel j of layer i loses its filter (row j of layer i) and its readers (input j of
     layer i+1, or column j of the head), so its BatchNorm constant never reaches the output.
     """
     chain = model.conv_chain()
+    counts = channel_widths(model, keep) if counts is None else counts
     kept = {}
     for name, layer_scores in (channel_importance(model) if scores is None else scores).items():
         alive = torch.zeros(layer_scores.numel(), dtype=torch.bool)
-        count = counts[name] if counts is not None else channel_counts(layer_scores.numel(), keep)
-        alive[_stable_top(layer_scores, count)] = True
+        alive[_stable_top(layer_scores, counts[name])] = True
         kept[name] = alive
     masks = {name: torch.ones(layer.weight.shape, dtype=torch.bool) for name, layer in model.gated_layers()}
     consumers = [name for name, _, _, _ in chain[1:]] + ["head"]
