@@ -33,6 +33,7 @@ from training.prune import (
     channel_widths,
     prune,
     prune_channels,
+    round_to_multiple,
     taylor_channel_importance,
 )
 
@@ -97,7 +98,16 @@ def test_stage_scales_move_channels_from_the_large_feature_maps_to_the_small() -
                                             for name, conv, _, _ in model.conv_chain()}
     late = channel_widths(model, 0.625, (0.8, 0.8, 1.2))
     assert list(late.values()) == [16, 32, 32, 128, 128, 192, 192]
-    assert list(channel_widths(model, 0.75, (0.5, 1.0, 2.0)).values()) == [12, 24, 24, 192, 192, 256, 256]
+    assert list(channel_widths(model, 0.75, (0.5, 1.0, 2.0)).values()) == [16, 24, 24, 192, 192, 256, 256]
+    assert list(channel_widths(model, 0.75, (0.5, 1.0, 2.0), multiple=1).values()) == [12, 24, 24, 192, 192, 256, 256]
+    # Scaled widths land on multiples of 8 (ties up, at least 8); 1 is exact; the even cut is never rounded.
+    assert list(channel_widths(model, 0.5, (0.8, 0.8, 1.2)).values()) == [16, 24, 24, 104, 104, 152, 152]
+    assert list(channel_widths(model, 0.5, (0.8, 0.8, 1.2), multiple=1).values()) == [13, 26, 26, 102, 102, 154, 154]
+    assert list(channel_widths(model, 0.25, (0.8, 0.8, 1.2)).values()) == [8, 16, 16, 48, 48, 80, 80]
+    assert list(channel_widths(model, 0.625, multiple=8).values())[0] == 20  # round(0.625 × 32), as before
+    assert round_to_multiple(20, 8, 256) == 24 and round_to_multiple(2, 8, 256) == 8 and round_to_multiple(2, 8, 4) == 4
+    with pytest.raises(ValueError, match="multiple of 1 or more"):
+        round_to_multiple(20, 0, 256)
     masks = channel_masks(model, 0.625, counts=late)
     assert [int(masks[name].flatten(1).any(1).sum()) for name in late] == list(late.values())
     for bad in [(1.0, 1.0), (0.0, 1.0, 1.0), (1.0, -1.0, 2.0)]:

@@ -163,27 +163,35 @@ def test_dense_ends_ship_a_fine_tuned_variant_with_stem_and_head_whole(image_fol
 
 def test_channel_stage_scales_ship_narrow_early_wide_late_variants(image_folder: Path, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
-    """--channel-stage-scales: the shipped channel variant has the scaled widths (compact, as served), the
-    manifest and summary say which, and a work dir made with other scales is refused, never mixed in."""
+    """--channel-stage-scales: the shipped channel variant has the scaled widths, rounded to --channel-multiple
+    (compact, as served), the manifest and summary say which, and a work dir made with other scales or another
+    multiple is refused, never mixed in; with even scales the multiple is moot."""
     out, work = tmp_path / "models", tmp_path / "runs"
     args = ["--data", str(image_folder), "--out", str(out), "--work-dir", str(work), "--seeds", "1",
             "--epochs", "1", "--widths", "8", "8", "8", "--stem-width", "8", "--batch-size", "8", "--val-size", "3",
             "--keeps", "0.5", "--prune-steps", "0", "--calib-images", "8", "--precision", "fp32",
             "--channel-keeps", "0.5", "--channel-steps", "1", "--soup", "1"]
-    assert prune_train([*args, "--channel-stage-scales", "0.5", "1", "2"]) == 0
+    scaled = [*args, "--channel-stage-scales", "0.5", "1", "2"]
+    assert prune_train([*scaled, "--channel-multiple", "4"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["training"]["channel_stage_scales"] == [0.5, 1.0, 2.0]
+    assert manifest["training"]["channel_multiple"] == 4
     [variant] = [v for v in manifest["variants"] if v["granularity"] == "channel"]
-    assert variant["widths"] == [2, 2, 2, 4, 4, 8, 8]  # 8 × 0.5 × (0.5, 1, 2), capped at 8
+    assert variant["widths"] == [4, 4, 4, 4, 4, 8, 8]  # 8 × 0.5 × (0.5, 1, 2) = 2, 4, 8, to multiples of 4
     net = compact(checkpoint.load_model(out / variant["file"]))
     assert [conv.weight.shape[0] for conv in net.convs] == variant["widths"]
-    assert "| 0.5 | 2/2/2/4/4/8/8 |" in (out / "summary.md").read_text()
-    with pytest.raises(SystemExit, match=r"other settings \(channel_stage_scales\)"):
-        prune_train(args)
+    assert "| 0.5 | 4/4/4/4/4/8/8 |" in (out / "summary.md").read_text()
+    with pytest.raises(SystemExit, match=r"other settings \(channel_stage_scales\);"):
+        prune_train(args)  # (the multiple is moot at even scales, so it is not named)
+    with pytest.raises(SystemExit, match=r"other settings \(channel_multiple\);"):
+        prune_train(scaled)  # the default multiple, 8
     capsys.readouterr()
     with pytest.raises(SystemExit):
         prune_train([*args, "--channel-stage-scales", "0", "1", "1"])
     assert "--channel-stage-scales are positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prune_train([*scaled, "--channel-multiple", "0"])
+    assert "--channel-multiple is 1 or more" in capsys.readouterr().err
 
 
 def test_soup_averages_the_shipped_fine_tunes_and_records_their_first(image_folder: Path, tmp_path: Path,
@@ -232,7 +240,7 @@ def test_soup_averages_the_shipped_fine_tunes_and_records_their_first(image_fold
         prune_train([*args, "--soup", "2"])  # a soup recorded before --soup-scope covered every method
     (work / "run-config.json").write_text(json.dumps({k: v for k, v in record.items()
                                                       if k not in ("soup", "soup_scope")}))
-    with pytest.raises(SystemExit, match=r"other settings \(soup, soup_scope\) \(it was made with --soup 1: pass"):
+    with pytest.raises(SystemExit, match=r"other settings \(soup\) \(it was made with --soup 1: pass"):
         prune_train(args)  # a record without either flag was made without a soup, which is no longer the default
     shutil.rmtree(work / "seed-0")  # (its results were made with a soup: the record above is a stand-in)
     soups.clear()

@@ -27,6 +27,7 @@ from core.model import TTA_LEVELS, GatedNet, NetConfig, count_parameters
 from training import report
 from training.data import DataError, channel_stats, load_dataset, normalize, split_validation
 from training.prune import (
+    CHANNEL_MULTIPLE,
     CHANNEL_RANKINGS,
     CRITERIA,
     SCOPES,
@@ -181,6 +182,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="channel variants: the stem and block1, block2 and block3 keep keep × their scale of "
                          "their channels (at most all): below 1 early and above 1 late spends the channels where "
                          "a CPU's time is not (docs/training.md); 1 1 1 cuts every conv alike")
+    pr.add_argument("--channel-multiple", type=int, default=CHANNEL_MULTIPLE, metavar="N",
+                    help="scaled channel widths (--channel-stage-scales other than 1 1 1) are rounded to the "
+                         "nearest multiple of N channels, where CPU kernels run fastest (1: exact); the even cut "
+                         "keeps exactly round(keep × C)")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--tta", type=int, choices=TTA_LEVELS, default=2,
                     help="test-time augmentation the service applies (0 none, 1 mirror, 2 mirror + translate: "
@@ -195,6 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(str(exc))
     if min(args.channel_stage_scales) <= 0:
         p.error(f"--channel-stage-scales are positive, not {args.channel_stage_scales}")
+    if args.channel_multiple < 1:
+        p.error(f"--channel-multiple is 1 or more, not {args.channel_multiple}")
     if args.soup < 1:
         p.error(f"--soup averages 1 or more fine-tunes, not {args.soup}")
     if 1.0 not in args.keeps:
@@ -211,12 +218,20 @@ _RESULT_NEUTRAL = {"out", "work_dir", "cache_dir", "device", "threads", "seeds",
 # Flags added after work dirs were first recorded, with the value every run before them had: a record
 # without one is that value, so a work dir made before the flag resumes under its default. (--soup-scope
 # came after --soup, which until then souped every fine-tune.)
-_ADDED_FLAGS = {"soup": 1, "soup_scope": "all", "channel_stage_scales": list(UNIFORM_STAGE_SCALES)}
+_ADDED_FLAGS = {"soup": 1, "soup_scope": "all", "channel_stage_scales": list(UNIFORM_STAGE_SCALES),
+                "channel_multiple": 1}
+
+
+_MOOTABLE = ("soup_scope", "channel_multiple")
 
 
 def _without_moot(flags: dict) -> dict:
-    """The flags that can change a result: which fine-tunes a soup covers does not matter without one."""
-    return {k: v for k, v in flags.items() if not (k == "soup_scope" and flags.get("soup", 1) == 1)}
+    """The flags that can change a result: which fine-tunes a soup covers does not matter without one, nor
+    what scaled channel widths round to where the scales are even."""
+    moot = {"soup_scope"} if flags.get("soup", 1) == 1 else set()
+    if list(flags.get("channel_stage_scales", UNIFORM_STAGE_SCALES)) == list(UNIFORM_STAGE_SCALES):
+        moot.add("channel_multiple")
+    return {k: v for k, v in flags.items() if k not in moot}
 
 
 def _result_flags(args: argparse.Namespace) -> dict:
@@ -241,7 +256,9 @@ def _guard_work_dir(args: argparse.Namespace, dataset_sha: str, precision: str) 
     record = work / "run-config.json"
     if record.exists():
         found = _recorded_flags(record)
-        diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+        # A flag moot on one side only differs because the flag that makes it moot does, which is named.
+        diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k)
+                      and ((k in found and k in wanted) or k not in _MOOTABLE))
         if diff:
             hint = ""
             if diff == ["precision"]:
@@ -438,7 +455,7 @@ def run_channel_seed(args: argparse.Namespace, seed: int, splits: dict, cfg: Tra
             scores = channel_ranking_scores(dense, args.channel_ranking, calib, calib_labels, cfg.precision)
         model = copy.deepcopy(dense)
         began = time.perf_counter()
-        widths = channel_widths(model, keep, args.channel_stage_scales)
+        widths = channel_widths(model, keep, args.channel_stage_scales, args.channel_multiple)
         masks = channel_masks(model, keep, scores, widths)
         progress = Phase2Checkpoint(_progress_file(done))
         ingredients: list[dict] = []
@@ -677,7 +694,7 @@ def export(args: argparse.Namespace, table: list[dict], dataset_info: dict, mean
                      "soup_scope": args.soup_scope,
                      "channel_keeps": args.channel_keeps, "channel_steps": args.channel_steps,
                      "channel_lr": args.channel_lr, "channel_ranking": args.channel_ranking,
-                     "channel_stage_scales": args.channel_stage_scales,
+                     "channel_stage_scales": args.channel_stage_scales, "channel_multiple": args.channel_multiple,
                      "recipe_version": RECIPE_VERSION},
         "hardware": {"export": hardware, "per_seed": [r.get("hardware") for r in results]},
         "tta": args.tta,

@@ -263,23 +263,41 @@ def channel_ranking_scores(model: GatedNet, ranking: str, images: Tensor, labels
 
 CHANNEL_ALLOCATIONS = ("uniform", "cost")
 UNIFORM_STAGE_SCALES = (1.0, 1.0, 1.0)
+# Scaled (uneven) widths land on multiples of this: oneDNN's kernels block channels by 8 or 16, and odd
+# widths cost time of their own (17/34/34/136×4 ran 2.47× dense against 2.91× for 16/32/32/136×4 in one
+# run, docs/training.md). The even cut stays exact, round(keep × C), so that "keep" means what it says.
+CHANNEL_MULTIPLE = 8
+
+
+def round_to_multiple(count: float, multiple: int, channels: int) -> int:
+    """``count`` to the nearest multiple of ``multiple`` (ties up), at least one multiple, at most ``channels``."""
+    if multiple < 1:
+        raise ValueError(f"channel widths round to a multiple of 1 or more, not {multiple}")
+    return min(channels, multiple * max(1, math.floor(count / multiple + 0.5)))
 
 
 def channel_widths(model: GatedNet, keep: float,
-                   stage_scales: tuple[float, float, float] = UNIFORM_STAGE_SCALES) -> dict[str, int]:
+                   stage_scales: tuple[float, float, float] = UNIFORM_STAGE_SCALES,
+                   multiple: int = CHANNEL_MULTIPLE) -> dict[str, int]:
     """Output channels every conv keeps at channel keep ``keep``: ``channel_counts(C, keep × s)``, with s the
     scale of the conv's stage (the stem and block1, block2, block3) and keep × s capped at 1.
 
     Uniform (all scales 1) spreads the cut evenly. On a CPU a channel costs time in proportion to its
     feature map's area (32×32 in the stem and block1's first conv, 4×4 in block3's second), so scales
     below 1 for the early stages and above 1 for the last buy speed for less accuracy than an even cut
-    (docs/training.md, "where a channel costs time").
+    (docs/training.md, "where a channel costs time"). Scaled widths are a shape chosen for speed, so they
+    are rounded to the nearest multiple of ``multiple`` channels (1: exact); the even cut never is.
     """
     if len(stage_scales) != 3 or min(stage_scales) <= 0:
         raise ValueError(f"stage scales are three positive numbers (stem+block1, block2, block3), not {stage_scales}")
     stage = {"stem": 0, "block1": 0, "block2": 1, "block3": 2}
-    return {name: channel_counts(conv.out_channels, min(1.0, keep * stage_scales[stage[name.split(".")[0]]]))
-            for name, conv, _, _ in model.conv_chain()}
+    even = tuple(stage_scales) == UNIFORM_STAGE_SCALES
+    widths = {}
+    for name, conv, _, _ in model.conv_chain():
+        share = min(1.0, keep * stage_scales[stage[name.split(".")[0]]])
+        exact = channel_counts(conv.out_channels, share)  # (checks keep)
+        widths[name] = exact if even else round_to_multiple(share * conv.out_channels, multiple, conv.out_channels)
+    return widths
 
 
 def conv_macs(model: GatedNet, counts: dict[str, int], input_hw: tuple[int, int] = (32, 32)) -> int:
