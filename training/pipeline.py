@@ -217,11 +217,11 @@ _RESULT_NEUTRAL = {"out", "work_dir", "cache_dir", "device", "threads", "seeds",
 
 # Flags added after work dirs were first recorded, with the value every run before them had: a record
 # without one is that value, so a work dir made before the flag resumes under its default. (--soup-scope
-# came after --soup, which until then souped every fine-tune.)
+# came after --soup, which until then souped every fine-tune; scaled widths were exact before
+# --channel-multiple.)
 _ADDED_FLAGS = {"soup": 1, "soup_scope": "all", "channel_stage_scales": list(UNIFORM_STAGE_SCALES),
                 "channel_multiple": 1}
-
-
+# Flags that only matter given another's value (see _without_moot).
 _MOOTABLE = ("soup_scope", "channel_multiple")
 
 
@@ -267,6 +267,8 @@ def _guard_work_dir(args: argparse.Namespace, dataset_sha: str, precision: str) 
             elif set(diff) <= {"soup", "soup_scope"}:  # e.g. a work dir from before soups were the default
                 scope = f" --soup-scope {found['soup_scope']}" if "soup_scope" in found else ""
                 hint = f" (it was made with --soup {found['soup']}{scope}: pass that to continue it)"
+            elif diff == ["channel_multiple"]:
+                hint = f" (it was made with --channel-multiple {found['channel_multiple']}: pass that to continue it)"
             raise SystemExit(f"prune-train: error: {work} holds results made with other settings "
                              f"({', '.join(diff)}){hint}; use another --work-dir or delete it")
     else:
