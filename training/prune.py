@@ -263,9 +263,9 @@ def channel_ranking_scores(model: GatedNet, ranking: str, images: Tensor, labels
 
 CHANNEL_ALLOCATIONS = ("uniform", "cost")
 UNIFORM_STAGE_SCALES = (1.0, 1.0, 1.0)
-# Scaled (uneven) widths land on multiples of this: oneDNN's kernels block channels by 8 or 16. At equal
-# MACs the rounded shapes of scales 0.8 0.8 1.2 ran 2-5 % faster than the exact ones in one interleaved
-# run (docs/training.md). The even cut stays exact, round(keep × C), so that "keep" means what it says.
+# Scaled (uneven) widths land on multiples of this: oneDNN's kernels block channels by 8 or 16. With as
+# many MACs or more, the rounded shapes of scales 0.8 0.8 1.2 ran 2-5 % faster than the exact ones in one
+# interleaved run (docs/training.md). The even cut stays exact, round(keep × C), so that "keep" means what it says.
 CHANNEL_MULTIPLE = 8
 
 
