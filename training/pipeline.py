@@ -36,6 +36,7 @@ from training.prune import (
     channel_ranking_scores,
     channel_widths,
     check_keep,
+    even_cut,
     prune,
 )
 from training.train import (
@@ -221,17 +222,15 @@ _RESULT_NEUTRAL = {"out", "work_dir", "cache_dir", "device", "threads", "seeds",
 # --channel-multiple.)
 _ADDED_FLAGS = {"soup": 1, "soup_scope": "all", "channel_stage_scales": list(UNIFORM_STAGE_SCALES),
                 "channel_multiple": 1}
-# Flags that only matter given another's value (see _without_moot).
-_MOOTABLE = ("soup_scope", "channel_multiple")
+# Flags that only matter given another's value, each with when it does not: which fine-tunes a soup covers
+# does not matter without one, nor what scaled channel widths round to where the scales are even.
+_MOOT_WHEN = {"soup_scope": lambda flags: flags.get("soup", 1) == 1,
+              "channel_multiple": lambda flags: even_cut(flags.get("channel_stage_scales", UNIFORM_STAGE_SCALES))}
 
 
 def _without_moot(flags: dict) -> dict:
-    """The flags that can change a result: which fine-tunes a soup covers does not matter without one, nor
-    what scaled channel widths round to where the scales are even."""
-    moot = {"soup_scope"} if flags.get("soup", 1) == 1 else set()
-    if list(flags.get("channel_stage_scales", UNIFORM_STAGE_SCALES)) == list(UNIFORM_STAGE_SCALES):
-        moot.add("channel_multiple")
-    return {k: v for k, v in flags.items() if k not in moot}
+    """The flags that can change a result (those of _MOOT_WHEN only where they matter)."""
+    return {k: v for k, v in flags.items() if not (k in _MOOT_WHEN and _MOOT_WHEN[k](flags))}
 
 
 def _result_flags(args: argparse.Namespace) -> dict:
@@ -258,7 +257,7 @@ def _guard_work_dir(args: argparse.Namespace, dataset_sha: str, precision: str) 
         found = _recorded_flags(record)
         # A flag moot on one side only differs because the flag that makes it moot does, which is named.
         diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k)
-                      and ((k in found and k in wanted) or k not in _MOOTABLE))
+                      and ((k in found and k in wanted) or k not in _MOOT_WHEN))
         if diff:
             hint = ""
             if diff == ["precision"]:

@@ -269,6 +269,11 @@ UNIFORM_STAGE_SCALES = (1.0, 1.0, 1.0)
 CHANNEL_MULTIPLE = 8
 
 
+def even_cut(stage_scales: Iterable[float]) -> bool:
+    """True when the stage scales cut every conv alike (all 1), the cut whose widths are never rounded."""
+    return tuple(stage_scales) == UNIFORM_STAGE_SCALES
+
+
 def round_to_multiple(count: float, multiple: int, channels: int) -> int:
     """``count`` to the nearest multiple of ``multiple`` (ties up), at least one multiple, at most ``channels``."""
     if multiple < 1:
@@ -291,7 +296,7 @@ def channel_widths(model: GatedNet, keep: float,
     if len(stage_scales) != 3 or min(stage_scales) <= 0:
         raise ValueError(f"stage scales are three positive numbers (stem+block1, block2, block3), not {stage_scales}")
     stage = {"stem": 0, "block1": 0, "block2": 1, "block3": 2}
-    even = tuple(stage_scales) == UNIFORM_STAGE_SCALES
+    even = even_cut(stage_scales)
     widths = {}
     for name, conv, _, _ in model.conv_chain():
         share = min(1.0, keep * stage_scales[stage[name.split(".")[0]]])
