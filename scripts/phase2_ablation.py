@@ -42,6 +42,8 @@ are not touched.
         --keep 0.1 --steps 600 --gate-fns hard_concrete --gate-lrs 0.05 --hc-ranks log_alpha effective  # L0 gates
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.05 --steps 600 --soups 3     # average 3 fine-tunes of the final mask (each also reported)
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --keep 0.5 --steps 300 \
+        --rankings taylor --allocations --widths 16,32,32,128,128,192,192 --soups 5   # also the soups of 2, 3, 4
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.1 --steps 600 --soups 3 --progress-dir runs/ablation   # the same command again resumes
 
@@ -94,6 +96,7 @@ from training.train import (
     Teacher,
     TrainConfig,
     accuracy,
+    average_states,
     prune_finetune,
     recalibrate_bn,
 )
@@ -126,7 +129,9 @@ def main() -> None:
                    help="keep the stem and the head whole (weight granularity; 1) or prune them with the rest (0)")
     p.add_argument("--soups", type=int, nargs="+", default=[PruneConfig().soup],
                    help="sparse model soup: fine-tunes of the final mask averaged (1 = off); each ingredient's "
-                        "own validation accuracy is reported too (the first is the soup-1 run's model)")
+                        "own validation accuracy is reported too (the first is the soup-1 run's model), and so is "
+                        "the soup of the first n for every n below the soup's size (the soup-size curve on the "
+                        "same fine-tunes)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[PruneConfig().temperature],
                    help="distillation temperatures to try")
     p.add_argument("--smoothing", type=float, nargs="+", default=[TrainConfig().label_smoothing],
@@ -236,6 +241,8 @@ def main() -> None:
         """Print a run's soup ingredients and result (measured now or recorded) and add it to ``results``."""
         for i, val in enumerate(outcome["ingredients"]):
             print(f"  soup ingredient {i}: validation {val:.2f} % (drop {dense_val - val:.2f})", flush=True)
+        for n, val in outcome.get("smaller_soups", {}).items():
+            print(f"  soup of the first {n}: validation {val:.2f} % (drop {dense_val - val:.2f})", flush=True)
         results.setdefault(outcome["setting"], {})[batch_seed] = outcome["validation"]
         print(f"{outcome['setting']}, batch seed {batch_seed}: validation {outcome['validation']:.2f} % (drop "
               f"{dense_val - outcome['validation']:.2f}) in {outcome['seconds']:.0f} s{note}", flush=True)
@@ -293,6 +300,11 @@ def main() -> None:
             alone = copy.deepcopy(model)  # the same installed masks
             alone.load_state_dict(state)
             ingredient_vals.append(validation(alone))
+        smaller_soups = {}  # the soup of the first n ingredients, n < soup: the soup-size curve, paired
+        for n in range(2, len(ingredients)):
+            smaller = copy.deepcopy(model)
+            smaller.load_state_dict(average_states(ingredients[:n]))
+            smaller_soups[str(n)] = validation(smaller)
         val = validation(model)
         gates = "" if args.granularity != "weight" else (
             f", {gate_fn} gates"
@@ -307,7 +319,8 @@ def main() -> None:
                    f"BN weights {'learned' if bn else 'frozen'}, weight decay ×{decay:g}, {schedule} lr"
                    f" (teacher TTA {tta}){gates}" + (f", soup of {soup}" if soup > 1 else ""))
         seconds = time.perf_counter() - began + (progress.earlier_seconds if progress is not None else 0.0)
-        outcome = {"setting": setting, "validation": val, "ingredients": ingredient_vals, "seconds": round(seconds, 1)}
+        outcome = {"setting": setting, "validation": val, "ingredients": ingredient_vals,
+                   "smaller_soups": smaller_soups, "seconds": round(seconds, 1)}
         report(outcome, batch_seed, f" (resumed at step {progress.resumed_step})" if progress and
                progress.resumed_step else "")
         if record is not None:
