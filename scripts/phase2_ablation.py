@@ -227,6 +227,12 @@ def main() -> None:
         recalibrate_bn(model, calib, precision=precision)
         return accuracy(model, val_x, val_y, precision=precision)
 
+    def scored(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> float:
+        """Validation accuracy of ``state`` in a copy of ``model`` (so with the same installed masks)."""
+        alone = copy.deepcopy(model)
+        alone.load_state_dict(state)
+        return validation(alone)
+
     # Runs of one batch seed draw the same batches: their teacher logits are computed once (and kept on disk
     # with --progress-dir; entries are keyed by the teacher's weights, so one file serves any --dense).
     if args.progress_dir is not None:
@@ -295,16 +301,9 @@ def main() -> None:
                          smoothing, bn, decay, schedule, features, ends, soup, batch_seed)] = flat_mask(masks)
             print("  kept per layer: " + ", ".join(f"{name} {mask.float().mean().item():.3f}"
                                                    for name, mask in masks.items()), flush=True)
-        ingredient_vals = []
-        for state in ingredients:  # the soup's fine-tunes, one by one (none without a soup)
-            alone = copy.deepcopy(model)  # the same installed masks
-            alone.load_state_dict(state)
-            ingredient_vals.append(validation(alone))
-        smaller_soups = {}  # the soup of the first n ingredients, n < soup: the soup-size curve, paired
-        for n in range(2, len(ingredients)):
-            smaller = copy.deepcopy(model)
-            smaller.load_state_dict(average_states(ingredients[:n]))
-            smaller_soups[str(n)] = validation(smaller)
+        ingredient_vals = [scored(model, state) for state in ingredients]  # the soup's fine-tunes (none without)
+        # The soup of the first n ingredients, n < soup: the soup-size curve on the same fine-tunes.
+        smaller_soups = {str(n): scored(model, average_states(ingredients[:n])) for n in range(2, len(ingredients))}
         val = validation(model)
         gates = "" if args.granularity != "weight" else (
             f", {gate_fn} gates"
