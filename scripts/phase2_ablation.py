@@ -42,6 +42,8 @@ are not touched.
         --keep 0.1 --steps 600 --gate-fns hard_concrete --gate-lrs 0.05 --hc-ranks log_alpha effective  # L0 gates
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
         --keep 0.05 --steps 600 --soups 3     # average 3 fine-tunes of the final mask (each also reported)
+    python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --keep 0.625 --steps 300 \
+        --rankings taylor --mixup 1 --distill 0.5 1   # distil on mixup blends (function matching)
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --keep 0.5 --steps 300 \
         --rankings taylor --allocations --widths 16,32,32,128,128,192,192 --soups 5   # also the soups of 2, 3, 4
     python scripts/phase2_ablation.py --data ../shared/data/cifar10-jpeg.tar.gz --granularity weight \
@@ -132,6 +134,8 @@ def main() -> None:
                         "own validation accuracy is reported too (the first is the soup-1 run's model), and so is "
                         "the soup of the first n for every n below the soup's size (the soup-size curve on the "
                         "same fine-tunes)")
+    p.add_argument("--mixup", type=float, nargs="+", default=[PruneConfig().mixup],
+                   help="mixup on the distillation batches: Beta concentrations to try (0 = off; 1 = a uniform share)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[PruneConfig().temperature],
                    help="distillation temperatures to try")
     p.add_argument("--smoothing", type=float, nargs="+", default=[TrainConfig().label_smoothing],
@@ -255,12 +259,14 @@ def main() -> None:
 
     gate_settings = [(fn, rank) for fn in gate_fns for rank in (args.hc_ranks if fn == "hard_concrete" else ["-"])]
     for (allocation, ranking, steps, distill, (gate_fn, hc_rank), gate_lr, share, ema, tta, ramp, temperature,
-         smoothing, bn, decay, schedule, features, ends, soup, batch_seed) in itertools.product(
+         smoothing, bn, decay, schedule, features, ends, soup, mixup, batch_seed) in itertools.product(
             allocations, rankings, args.steps, args.distill, gate_settings, gate_lrs, shares, args.lookahead,
             args.teacher_tta, ramps, args.temperatures, args.smoothing, args.bn_weights, args.decay_scales,
-            args.lr_schedules, args.feature_distill, dense_ends, args.soups, args.batch_seeds):
+            args.lr_schedules, args.feature_distill, dense_ends, args.soups, args.mixup, args.batch_seeds):
         run = (allocation, ranking, steps, distill, gate_fn, hc_rank, gate_lr, share, ema, tta, ramp, temperature,
                smoothing, bn, decay, schedule, features, ends, soup, batch_seed)
+        if mixup:  # (named only when on: records made before the flag keep their names)
+            run += (("mixup", mixup),)
         record, progress = None, None
         if args.progress_dir is not None:  # files named by everything the run depends on
             name = _digest(repr((dense_id, args.granularity, args.keep, args.lr, args.chain_from, args.hc_init,
@@ -276,7 +282,7 @@ def main() -> None:
                        lookahead=bool(ema), teacher_tta=tta, temperature=temperature, bn_weights=bool(bn),
                        decay_scale=decay, lr_schedule=schedule, gate_fn=gate_fn, hc_init=args.hc_init,
                        hc_penalty=args.hc_penalty, hc_rank=PruneConfig().hc_rank if hc_rank == "-" else hc_rank,
-                       feature_distill=features, dense_ends=bool(ends), soup=soup)
+                       feature_distill=features, dense_ends=bool(ends), soup=soup, mixup=mixup)
         ingredients: list[dict[str, torch.Tensor]] = []
         run_cfg = replace(cfg, label_smoothing=smoothing)
         if args.granularity == "channel":
@@ -298,7 +304,7 @@ def main() -> None:
                 start = args.chain_from
             masks = prune_weights(args.keep, start_keep=start, progress=progress)  # (a first stage runs again)
             final_masks[(ranking, steps, distill, gate_fn, hc_rank, gate_lr, share, ema, tta, temperature,
-                         smoothing, bn, decay, schedule, features, ends, soup, batch_seed)] = flat_mask(masks)
+                         smoothing, bn, decay, schedule, features, ends, soup, mixup, batch_seed)] = flat_mask(masks)
             print("  kept per layer: " + ", ".join(f"{name} {mask.float().mean().item():.3f}"
                                                    for name, mask in masks.items()), flush=True)
         ingredient_vals = [scored(model, state) for state in ingredients]  # the soup's fine-tunes (none without)
@@ -316,7 +322,8 @@ def main() -> None:
                    f"distill {distill:g} at temperature {temperature:g}, block features {features:g}, "
                    f"label smoothing {smoothing:g}, "
                    f"BN weights {'learned' if bn else 'frozen'}, weight decay ×{decay:g}, {schedule} lr"
-                   f" (teacher TTA {tta}){gates}" + (f", soup of {soup}" if soup > 1 else ""))
+                   f" (teacher TTA {tta}){gates}" + (f", soup of {soup}" if soup > 1 else "")
+                   + (f", mixup Beta({mixup:g}, {mixup:g})" if mixup else ""))
         seconds = time.perf_counter() - began + (progress.earlier_seconds if progress is not None else 0.0)
         outcome = {"setting": setting, "validation": val, "ingredients": ingredient_vals,
                    "smaller_soups": smaller_soups, "seconds": round(seconds, 1)}
@@ -334,7 +341,7 @@ def main() -> None:
             overlap = (mask & reference).sum().item() / reference.sum().item()
             print(f"survivors of (criterion, steps, distill, gates, hard-concrete rank, gate lr, share, lookahead, "
                   f"teacher TTA, temperature, label smoothing, BN weights, decay scale, lr schedule, feature "
-                  f"weight, dense ends, soup, batch seed) = "
+                  f"weight, dense ends, soup, mixup, batch seed) = "
                   f"{setting}: "
                   f"share also in one-shot |W| top-K {overlap:.3f}", flush=True)
             for other, other_mask in runs[i + 1:]:

@@ -43,6 +43,7 @@ from training.train import (
     enter_hard_concrete,
     feature_loss,
     leave_hard_concrete,
+    mix_batch,
     predict_logits,
     predict_logits_by_level,
     prepare,
@@ -283,6 +284,41 @@ def test_feature_term_is_zero_for_the_teacher_itself_and_changes_the_fine_tune()
     with pytest.raises(ValueError, match="0 or more"):
         prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8),
                        PruneConfig(steps=2, feature_distill=-1.0), seed=0, teacher=shared)
+
+
+def test_mix_batch_blends_each_image_with_one_other_at_one_share_drawn_from_its_generator() -> None:
+    torch.manual_seed(0)
+    batch, labels = torch.randn(16, 3, 8, 8), torch.arange(16)
+    blend, (other, share) = mix_batch(batch, labels, 1.0, torch.Generator().manual_seed(3))
+    assert 0.0 < share < 1.0 and sorted(other.tolist()) == list(range(16))  # a permutation of the labels
+    assert torch.allclose(blend, (1 - share) * batch + share * batch[other])  # image i blended with image other[i]
+    again = mix_batch(batch, labels, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], blend) and torch.equal(again[1][0], other) and again[1][1] == share
+    state = torch.get_rng_state()
+    shares = [mix_batch(batch, labels, 0.2, torch.Generator().manual_seed(s))[1][1] for s in range(200)]
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator (hard-concrete noise) is untouched
+    assert statistics.fmean(min(x, 1 - x) for x in shares) < 0.15  # Beta(0.2, 0.2) sits near 0 or 1
+
+
+def test_mixup_distils_on_blends_with_the_same_batches_and_refuses_a_negative_concentration() -> None:
+    """Mixup changes the fine-tune (the student and the teacher see blends); a run repeats exactly; the
+    teacher's cached logits for plain batches are not served for blends."""
+    torch.manual_seed(2)
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,))
+    teacher = Teacher(tiny_model())
+    finals = []
+    for mixup in (0.0, 1.0, 1.0):
+        torch.manual_seed(0)
+        model = tiny_model()
+        masks = prune_finetune(model, images, labels, 0.3, TrainConfig(batch_size=8),
+                               PruneConfig(steps=6, gate_lr=0.05, mixup=mixup), seed=0, teacher=teacher)
+        assert sum(int(m.sum()) for m in masks.values()) == round(0.3 * sum(m.numel() for m in masks.values()))
+        finals.append(model.block2.conv2.effective_weight().detach())
+    assert not torch.equal(finals[0], finals[1]) and torch.equal(finals[1], finals[2])
+    assert len(teacher._logits) == 12  # 6 steps without mixup, 6 with: separate entries
+    with pytest.raises(ValueError, match="0 .off. or more"):
+        prune_finetune(tiny_model(), images, labels, 0.3, TrainConfig(batch_size=8),
+                       PruneConfig(steps=2, mixup=-1.0), seed=0)
 
 
 def test_dense_ends_keep_stem_and_head_whole_while_pruning_and_after() -> None:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -156,6 +157,14 @@ class PruneConfig:
     # paired batch seeds each) on validation, positive on each (docs/training.md). prune-train soups by default
     # (DEFAULT_SOUP); here 1, so a fine-tune is one fine-tune unless asked and ablations compare levers on one.
     soup: int = 1
+    # Mixup on the distillation batches (Zhang et al. 2018), the "function matching" of Beyer et al. 2022
+    # ("a good teacher is patient and consistent"): every step blends its batch with a shuffled copy of
+    # itself at a share drawn from Beta(mixup, mixup), the teacher labels the blend, and the hard-label term
+    # mixes the two labels at that share. It shows the student inputs between the training images, where
+    # the teacher's answers carry the most it does not already fit. On the late-wide channel keep 0.625,
+    # validation, one seed: −0.20 points at 300 steps, +0.16 at 900 steps with the teacher alone, for 3.4×
+    # the time (docs/training.md): 0 = off.
+    mixup: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -512,15 +521,32 @@ def train(
 # Phase 2: prune to a keep ratio while fine-tuning, distilled from the dense network
 # ---------------------------------------------------------------------------------------------
 def _distill_loss(logits: Tensor, teacher: Tensor | None, target: Tensor, cfg: TrainConfig,
-                  pcfg: PruneConfig) -> Tensor:
-    """Summed over the batch: (1 − a)·CE(labels, smoothed) + a·T²·KL(teacher_T ‖ student_T)."""
+                  pcfg: PruneConfig, mixed: tuple[Tensor, float] | None = None) -> Tensor:
+    """Summed over the batch: (1 − a)·CE(labels, smoothed) + a·T²·KL(teacher_T ‖ student_T). ``mixed``
+    (the blended-in images' labels and their share, see ``mix_batch``): the hard term mixes the two labels' terms."""
     hard = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing, reduction="sum")
+    if mixed is not None:
+        other, share = mixed
+        hard = (1 - share) * hard + share * F.cross_entropy(logits, other, label_smoothing=cfg.label_smoothing,
+                                                            reduction="sum")
     if teacher is None or pcfg.distill <= 0:
         return hard
     t = pcfg.temperature
     soft = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(teacher.float() / t, 1),
                     log_target=True, reduction="sum") * t * t
     return (1 - pcfg.distill) * hard + pcfg.distill * soft
+
+
+def mix_batch(batch: Tensor, labels: Tensor, concentration: float,
+              generator: torch.Generator) -> tuple[Tensor, tuple[Tensor, float]]:
+    """Mixup: ``batch`` blended with a shuffled copy of itself at one share drawn from Beta(c, c) (drawn
+    with ``generator``, so a run repeats and resumes exactly); returns the blend and (the shuffled copy's
+    labels, its share)."""
+    # torch draws Beta only from its global generator: numpy's, seeded from ``generator``, leaves that alone
+    share = float(np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator))).beta(
+        concentration, concentration))
+    order = torch.randperm(len(batch), generator=generator).to(batch.device)
+    return (1 - share) * batch + share * batch[order], (labels[order], share)
 
 
 # The GatedNet modules whose outputs PruneConfig.feature_distill matches: the three conv blocks (16×16, 8×8
@@ -838,6 +864,8 @@ def prune_finetune(
         raise ValueError("dense_ends keeps the end layers whole; hard-concrete gates would still sample them off")
     if pcfg.soup < 1:
         raise ValueError(f"a soup averages 1 or more fine-tunes, not {pcfg.soup}")
+    if pcfg.mixup < 0:
+        raise ValueError(f"mixup's Beta concentration is 0 (off) or more, not {pcfg.mixup}")
     dense = END_LAYERS if pcfg.dense_ends else ()
     device = images.device
     began = time.perf_counter()
@@ -938,17 +966,22 @@ def prune_finetune(
             _set_lr(opt, factor)
         idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=batches).to(device)
         batch = augment(images[idx], cfg.translate, batches)
+        mixed = None
+        if pcfg.mixup > 0:  # drawn apart from ``batches``: the run sees the same images as without mixup
+            mixing = torch.Generator().manual_seed(seed * 1_000_003 + ingredient * 7919 + step + 1)
+            batch, mixed = mix_batch(batch, labels[idx], pcfg.mixup, mixing)
         with autocast(device, cfg.precision):
             teacher_logits = None
             if teacher is not None and pcfg.distill > 0:
                 # Everything that decides this step's batch, and the teacher's arithmetic on it.
                 key = (teacher.data_id(images, labels), seed, step, cfg.batch_size, cfg.translate,
-                       cfg.precision, device.type) + ((("soup", ingredient),) if ingredient else ())
+                       cfg.precision, device.type) + ((("soup", ingredient),) if ingredient else ()) + (
+                    (("mixup", pcfg.mixup),) if pcfg.mixup > 0 else ())
                 teacher_logits = teacher.logits(batch, key, pcfg.teacher_tta)
             # The student's blocks are hooked for this forward pass only: an error leaves no hook behind.
             with BlockOutputs(model) if pcfg.feature_distill > 0 else contextlib.nullcontext() as blocks:
                 logits = model(batch)
-            loss = _distill_loss(logits, teacher_logits, labels[idx], cfg, pcfg)
+            loss = _distill_loss(logits, teacher_logits, labels[idx], cfg, pcfg, mixed)
             if blocks is not None:
                 loss = loss + pcfg.feature_distill * feature_loss(blocks.take(), teacher.features(batch))
         hard_concrete = budget is not None and step < fixed_from
