@@ -300,7 +300,7 @@ def test_mix_batch_blends_each_image_with_one_other_at_one_share_drawn_from_its_
     assert statistics.fmean(min(x, 1 - x) for x in shares) < 0.15  # Beta(0.2, 0.2) sits near 0 or 1
 
 
-def test_mixup_distils_on_blends_with_the_same_batches_and_refuses_a_negative_concentration() -> None:
+def test_mixup_distils_on_blends_repeats_exactly_and_refuses_a_negative_concentration() -> None:
     """Mixup changes the fine-tune (the student and the teacher see blends); a run repeats exactly; the
     teacher's cached logits for plain batches are not served for blends."""
     torch.manual_seed(2)
